@@ -1,0 +1,357 @@
+"""Checkpoint I/O: a lazy reader over safetensors folders and a streaming, atomic writer.
+
+Reading hands out one tensor at a time by name (memory-mapped, so nothing else is loaded).
+Writing lays out every shard up front from the planned names, shapes and dtypes, writes each
+shard's safetensors header first and then streams tensor bytes straight into place, so the
+writer holds no tensors at all. The output folder appears only when complete: everything goes
+to a hidden temporary sibling that is renamed at the end and deleted on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from merging.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt",
+    "chat_template.jinja", "chat_template.json",
+)
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_FROM_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of one model folder.
+
+    Safetensors files (single or sharded with an index) are opened memory-mapped; tensors are
+    read only when asked for. Pickle checkpoints (``pytorch_model.bin``) are read only when
+    ``allow_pickle`` is set, with ``torch.load(weights_only=True)`` so no code runs.
+    """
+
+    def __init__(self, folder: Path, *, allow_pickle: bool = False, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._info: dict[str, TensorInfo] = {}
+        files = safetensors_files(self.folder)
+        if files:
+            self._index_safetensors(files)
+        elif pickle_files(self.folder):
+            if not allow_pickle:
+                raise CheckpointError(pickle_refusal(self.label))
+            self._index_pickles(pickle_files(self.folder))
+        else:
+            raise CheckpointError(f"{self.label}: no weights found (no *.safetensors files); is this a model folder?")
+
+    # -- discovery -------------------------------------------------------------------------
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise CheckpointError(
+                    f"{self.label}: {path.name} is not a readable safetensors file ({exc}); "
+                    "the file is corrupt or truncated: download or save it again"
+                ) from None
+        return self._handles[path]
+
+    def _index_safetensors(self, files: list[Path]) -> None:
+        for path in files:
+            handle = self._open(path)
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                dtype = _FROM_SAFETENSORS.get(piece.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{self.label}: tensor {name} has unsupported dtype {piece.get_dtype()}")
+                self._files[name] = path
+                self._info[name] = TensorInfo(name, tuple(piece.get_shape()), dtype)
+
+    def _index_pickles(self, files: list[Path]) -> None:
+        for path in files:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{self.label}: cannot read {path.name} safely: {exc}") from None
+            self._pickled[path] = state
+            for name, tensor in state.items():
+                self._files[name] = path
+                self._info[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+
+    # -- access ----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._files[name]
+        if path in self._pickled:
+            return self._pickled[path][name]
+        try:
+            return self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path.name}: {exc}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{folder}: {INDEX_NAME} is not a valid index (no weight_map)") from None
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard {missing[0]} named in {INDEX_NAME} is missing; download it again")
+        return files
+    return sorted(folder.glob("*.safetensors"))
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    index = folder / PICKLE_INDEX_NAME
+    if index.is_file():
+        try:
+            return sorted({folder / n for n in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{folder}: {PICKLE_INDEX_NAME} is not a valid index") from None
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
+def pickle_refusal(label: str) -> str:
+    return (
+        f"{label} has only pickle weights (pytorch_model.bin). Pickle files can run arbitrary code "
+        "when loaded, so only safetensors are read by default. Convert it to safetensors, or, if you "
+        "trust its source, pass --allow-pickle (it is then read with torch.load(weights_only=True))."
+    )
+
+
+# -- writing -------------------------------------------------------------------------------
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000; '500MB', '1.5GiB', plain bytes also accepted."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    unit = value[len(number):]
+    try:
+        size = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise CheckpointError(f"shard size {text!r} is not a size like 2GB or 500MB") from None
+    if size <= 0:
+        raise CheckpointError(f"shard size {text!r} must be positive")
+    return size
+
+
+@dataclass
+class _Shard:
+    path: Path
+    tensors: list[TensorInfo]
+    offsets: dict[str, tuple[int, int]]
+    header: bytes
+
+
+def plan_shards(tensors: list[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
+    """Greedy shards in the given order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for info in tensors:
+        if shards[-1] and size + info.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    return shards
+
+
+class StreamingWriter:
+    """Writes planned tensors into safetensors shards as they arrive, holding none of them.
+
+    ``write`` must be called in plan order. Each shard's header (names, dtypes, shapes,
+    offsets) is written when the shard is started; tensor bytes follow in place.
+    """
+
+    def __init__(self, folder: Path, tensors: list[TensorInfo], max_shard_bytes: int):
+        self.folder = folder
+        groups = plan_shards(tensors, max_shard_bytes)
+        count = len(groups)
+        self._shards = [self._layout(group, i, count) for i, group in enumerate(groups)]
+        self._order = [info.name for info in tensors]
+        self._planned = {info.name: info for info in tensors}
+        self._position = 0
+        self._shard_index = -1
+        self._file = None
+
+    @staticmethod
+    def _layout(group: list[TensorInfo], index: int, count: int) -> _Shard:
+        name = "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+        offsets, header, start = {}, {}, 0
+        for info in group:
+            offsets[info.name] = (start, start + info.nbytes)
+            header[info.name] = {
+                "dtype": _SAFETENSORS_DTYPES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [start, start + info.nbytes],
+            }
+            start += info.nbytes
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        return _Shard(Path(name), group, offsets, raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self._order[self._position]
+        if name != expected:
+            raise RuntimeError(f"tensor {name} written out of plan order (expected {expected})")
+        if self._file is None or name not in self._shards[self._shard_index].offsets:
+            self._next_shard()
+        info = self._planned[name]
+        data = tensor.detach().to("cpu").contiguous()
+        if tuple(data.shape) != info.shape or data.dtype != info.dtype:
+            raise RuntimeError(f"tensor {name} does not match its plan {info}")
+        self._file.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+        self._position += 1
+
+    def _next_shard(self) -> None:
+        self._close_file()
+        self._shard_index += 1
+        shard = self._shards[self._shard_index]
+        self._file = open(self.folder / shard.path, "wb")
+        self._file.write(struct.pack("<Q", len(shard.header)))
+        self._file.write(shard.header)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[Path]:
+        if self._position != len(self._order):
+            raise RuntimeError(f"only {self._position} of {len(self._order)} planned tensors were written")
+        self._close_file()
+        if len(self._shards) > 1:
+            total = sum(info.nbytes for shard in self._shards for info in shard.tensors)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {info.name: str(s.path) for s in self._shards for info in s.tensors},
+            }
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return [self.folder / s.path for s in self._shards]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextmanager
+def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> Iterator[Path]:
+    """Yield a temporary sibling folder that becomes ``out_dir`` only if the block succeeds.
+
+    Refuses an existing ``out_dir`` unless ``overwrite``, and any ``out_dir`` that is, contains
+    or lies inside one of the ``protected`` source folders. On any exception (including
+    cancellation) the temporary folder is removed and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    target = out_dir.resolve()
+    for source in protected:
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise CheckpointError(
+                f"output folder {out_dir} overlaps the source model folder {source}; "
+                "choose an output folder outside every source so no source is ever written"
+            )
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out_dir} already exists; choose another or pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output path {out_dir} exists and is not a folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create {out_dir.parent}: {exc.strerror or exc}") from None
+    token = uuid.uuid4().hex[:8]
+    temp = out_dir.parent / f".{out_dir.name}.partial-{token}"
+    temp.mkdir()
+    try:
+        yield temp
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{token}"
+            out_dir.rename(old)
+            temp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            temp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
+    """Copy config and generation config from ``source`` and tokenizer files from ``tokenizer_source``.
+
+    The config's dtype is set to the dtype actually written, so ``from_pretrained`` with
+    ``dtype="auto"`` loads what is on disk.
+    """
+    for name in CONFIG_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+    if dtype is not None and (out_dir / "config.json").is_file():
+        config = json.loads((out_dir / "config.json").read_text())
+        dtype_name = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (tokenizer_source / name).is_file():
+            shutil.copyfile(tokenizer_source / name, out_dir / name)

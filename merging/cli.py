@@ -1,0 +1,102 @@
+"""``python -m merging``: merge from a mergekit-style YAML recipe, list methods.
+
+Errors print one line ``error: ...`` (what is wrong and how to fix it) and exit 1; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from merging.errors import MergeStudioError
+from merging.methods import REGISTRY
+from merging.methods.spec import REQUIRED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge fine-tuned models of one architecture.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("merge", help="merge the models of a YAML recipe into a new checkpoint")
+    run.add_argument("recipe", type=Path, help="recipe YAML (mergekit schema)")
+    run.add_argument("out_dir", type=Path, help="output folder (must not exist unless --overwrite)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    run.add_argument("--seed", type=int, default=None, help="seed for random steps (DARE); overrides the recipe's")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--allow-pickle", action="store_true",
+                     help="also read pytorch_model.bin checkpoints (torch.load weights_only=True); only for trusted files")
+    run.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB or 500MB")
+    run.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
+    return parser
+
+
+def cmd_merge(args) -> int:
+    from tqdm import tqdm
+
+    from merging.engine import merge
+    from merging.recipe import load_recipe
+    from merging.sources import SourcePolicy
+
+    recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe.seed = args.seed
+    bar = None
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="tensor", desc=f"{recipe.merge_method}", disable=args.quiet)
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        result = merge(
+            recipe, args.out_dir, device=args.device, overwrite=args.overwrite, shard_size=args.shard_size,
+            policy=SourcePolicy(allow_pickle=args.allow_pickle), progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(result.summary()))
+    else:
+        print(f"merged {result.tensors} tensors with {result.method} in {result.seconds:.1f} s -> {result.output}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    for name, method in REGISTRY.items():
+        spec = method.spec
+        print(f"{name}: {spec.title} — {spec.summary}")
+        print(f"  paper: {spec.paper}")
+        needs = "needs base_model" if spec.needs_base else "base_model optional"
+        count = f"{spec.min_models}..{spec.max_models or 'n'} models"
+        print(f"  {needs}; {count}")
+        for param in spec.params:
+            default = "required" if param.default is REQUIRED else f"default {param.default}"
+            where = "per model" if param.scope == "model" else "global"
+            print(f"  - {param.name} ({param.kind.__name__}, {where}, {default}, range {param.range_text()}): {param.help}")
+        print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"merge": cmd_merge, "methods": cmd_methods}[args.command]
+    try:
+        return handler(args)
+    except MergeStudioError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no output folder was written", file=sys.stderr)
+        return 130

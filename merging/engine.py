@@ -1,0 +1,329 @@
+"""The merge engine: resolve, check, plan, then stream every tensor through its method.
+
+Peak memory is about one tensor per input model (in float32 on the compute device) plus the
+method's scratch: inputs are memory-mapped, and the writer streams each result straight into
+its shard. The next tensor's inputs are read on a background thread while the current one is
+computed, so disk and compute overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merging.checkpoint import (
+    CheckpointReader,
+    StreamingWriter,
+    TensorInfo,
+    atomic_output,
+    copy_support_files,
+    parse_size,
+)
+from merging.errors import CheckpointError, MergeCancelled, MergeStudioError
+from merging.methods import get_method
+from merging.model_card import write_model_card
+from merging.recipe import Recipe, resolve
+from merging.sources import ResolvedModel, SourcePolicy, resolve_model
+
+ProgressFn = Callable[[int, int, str], None]
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    method: str
+    seconds: float
+    tensors: int
+    bytes_written: int
+    shards: int
+    dtype: str
+    device: str
+
+    def summary(self) -> dict:
+        return {
+            "output": str(self.output), "method": self.method, "seconds": round(self.seconds, 3),
+            "tensors": self.tensors, "bytes": self.bytes_written, "shards": self.shards,
+            "dtype": self.dtype, "device": self.device,
+        }
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: how it is made, and where it sits among the layers (``t``)."""
+
+    out: TensorInfo
+    merged: bool  # False: copied from the reference model (non-float, or present only there)
+    t: float = 0.0
+
+
+@dataclass
+class _Inputs:
+    """The resolved models of a recipe and their open readers."""
+
+    reference: ResolvedModel  # config source: the base, else the first input
+    base: ResolvedModel | None
+    inputs: list[ResolvedModel]
+    tokenizer: ResolvedModel
+    readers: dict[str, CheckpointReader] = field(default_factory=dict)
+
+    def reader(self, model: ResolvedModel) -> CheckpointReader:
+        return self.readers[model.ref]
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeStudioError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MergeStudioError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed for a tensor's random steps, from the recipe seed and the tensor name only.
+
+    Independent of order and device, so a merge is reproducible however it is run.
+    """
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 8  # leaves room for + model index
+
+
+def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) -> _Inputs:
+    cache: dict[str, ResolvedModel] = {}
+
+    def get(ref: str) -> ResolvedModel:
+        if ref not in cache:
+            cache[ref] = resolver(ref, policy)
+        return cache[ref]
+
+    base = get(recipe.base_model) if recipe.base_model else None
+    inputs = [get(entry.model) for entry in recipe.input_entries()]
+    reference = base or inputs[0]
+    if recipe.tokenizer_source in (None, "base"):
+        tokenizer = reference
+    else:
+        tokenizer = get(recipe.tokenizer_source)
+    models = _Inputs(reference, base, inputs, tokenizer)
+    check_configs(models)
+    try:
+        for model in {m.ref: m for m in [reference, *inputs]}.values():
+            models.readers[model.ref] = CheckpointReader(model.folder, allow_pickle=policy.allow_pickle, label=model.ref)
+    except BaseException:
+        models.close()
+        raise
+    return models
+
+
+def check_configs(models: _Inputs) -> None:
+    """Architecture and vocabulary checks from config.json alone, before any weight is read."""
+    ref = models.reference
+    for other in models.inputs:
+        if other.architecture != ref.architecture:
+            raise CheckpointError(
+                f"architectures differ: {ref.ref} is {ref.architecture} but {other.ref} is "
+                f"{other.architecture}; only models of the same architecture can be merged"
+            )
+        ours, theirs = ref.config.get("vocab_size"), other.config.get("vocab_size")
+        if ours is not None and theirs is not None and ours != theirs:
+            raise CheckpointError(vocabulary_message(ref.ref, ours, other.ref, theirs))
+
+
+def vocabulary_message(ref_a: str, size_a, ref_b: str, size_b) -> str:
+    return (
+        f"vocabulary sizes differ: {ref_a} has {size_a} tokens, {ref_b} has {size_b}. Merging models "
+        "with different vocabularies (tokenizer merging) is not supported yet. Merge only fine-tunes "
+        "that kept the base's tokenizer; the output takes the tokenizer of the base model, or of the "
+        "model named by 'tokenizer_source', which must have the same vocabulary size."
+    )
+
+
+def plan_tensors(recipe: Recipe, models: _Inputs) -> list[TensorPlan]:
+    """Check every tensor of every input against the reference and decide how each is made."""
+    ref_reader = models.reader(models.reference)
+    out_dtype = recipe.output_dtype
+    num_layers = _layer_count(models.reference.config, ref_reader.names())
+    input_readers = [(m, models.reader(m)) for m in models.inputs]
+    names = ref_reader.names()
+    known = set(names)
+    for model, reader in input_readers:
+        stray = [n for n in reader.names() if n not in known]
+        if stray:
+            raise CheckpointError(
+                f"tensor {stray[0]} is in {model.ref} but not in {models.reference.ref}; "
+                "the checkpoints do not have the same layout"
+            )
+    plans = []
+    for name in names:
+        info = ref_reader.info(name)
+        present = [(m, r) for m, r in input_readers if name in r]
+        if present and len(present) < len(input_readers):
+            missing = next(m for m, r in input_readers if name not in r)
+            raise CheckpointError(f"tensor {name} is missing from {missing.ref}; the checkpoints do not have the same layout")
+        for model, reader in present:
+            other = reader.info(name)
+            if other.shape != info.shape:
+                if _is_vocabulary_tensor(name) and other.shape[1:] == info.shape[1:]:
+                    raise CheckpointError(vocabulary_message(models.reference.ref, info.shape[0], model.ref, other.shape[0]))
+                raise CheckpointError(
+                    f"tensor {name} has shape {list(info.shape)} in {models.reference.ref} but "
+                    f"{list(other.shape)} in {model.ref}; these models cannot be merged"
+                )
+        floating = info.dtype.is_floating_point
+        merged = bool(present) and floating
+        dtype = (out_dtype or info.dtype) if floating else info.dtype
+        plans.append(TensorPlan(TensorInfo(name, info.shape, dtype), merged, _layer_position(name, num_layers)))
+    return plans
+
+
+def _is_vocabulary_tensor(name: str) -> bool:
+    return any(part in name for part in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
+
+
+def _layer_count(config: dict, names: list[str]) -> int:
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return config[key]
+    indices = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
+    return max(indices) + 1 if indices else 1
+
+
+def _layer_position(name: str, num_layers: int) -> float:
+    """mergekit's gradient position: layer i of N is at i/(N-1); other tensors at 0."""
+    match = LAYER_INDEX.search(name)
+    if not match:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def resolve_parameters(recipe: Recipe, plan: TensorPlan) -> tuple[list[dict], dict]:
+    """Per-model and global parameter values for one tensor (model entry, then global, then default)."""
+    spec = recipe.method
+    name = plan.out.name
+
+    def value(param, *scopes):
+        for scope in scopes:
+            if param.name in scope:
+                result = resolve(scope[param.name], param, name, plan.t)
+                if result is not None:
+                    return result
+        return param.default
+
+    global_values = {p.name: value(p, recipe.parameters) for p in spec.global_params()}
+    per_model = [
+        {p.name: value(p, entry.parameters, recipe.parameters) for p in spec.model_params()}
+        for entry in recipe.input_entries()
+    ]
+    return per_model, global_values
+
+
+def merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    shard_size: str | int = "2GB",
+    policy: SourcePolicy = SourcePolicy(),
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    resolver=resolve_model,
+) -> MergeResult:
+    """Merge the recipe's models into ``out_dir`` (a from_pretrained-loadable folder).
+
+    Raises a MergeStudioError subclass with a user-facing message on any bad input, and
+    MergeCancelled if ``cancel`` is set; in every failure no output folder is left behind.
+    """
+    started = time.perf_counter()
+    compute = pick_device(device)
+    max_shard = parse_size(shard_size)
+    method = get_method(recipe.merge_method)
+    models = open_inputs(recipe, policy, resolver)
+    try:
+        plans = plan_tensors(recipe, models)
+        protected = [m.folder for m in [models.reference, models.tokenizer, *models.inputs]]
+        with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
+            writer = StreamingWriter(temp, [p.out for p in plans], max_shard)
+            try:
+                _stream(recipe, method, models, plans, writer, compute, progress, cancel)
+                shards = writer.finish()
+                copy_support_files(models.reference.folder, models.tokenizer.folder, temp, recipe.output_dtype)
+                write_model_card(temp, recipe)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"writing the merged model failed: {exc.strerror or exc}"
+                    + (" (disk full: free some space or choose another output folder)" if exc.errno == 28 else "")
+                ) from None
+            finally:
+                writer.abort()
+    finally:
+        models.close()
+    out = Path(out_dir).expanduser().absolute()
+    return MergeResult(
+        output=out,
+        method=recipe.merge_method,
+        seconds=time.perf_counter() - started,
+        tensors=len(plans),
+        bytes_written=sum(p.out.nbytes for p in plans),
+        shards=len(shards),
+        dtype=str(recipe.output_dtype or "as base").removeprefix("torch."),
+        device=str(compute),
+    )
+
+
+def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, cancel) -> None:
+    """Compute and write every planned tensor, reading the next one's inputs in the background."""
+    base_reader = models.reader(models.base) if models.base else None
+    readers = [(m.ref, models.reader(m)) for m in models.inputs]
+    ref_reader = models.reader(models.reference)
+
+    def load(plan: TensorPlan):
+        name = plan.out.name
+        if not plan.merged:
+            return ref_reader.get(name), None, None
+        base = _float_input(base_reader, name, models.base.ref, compute) if base_reader else None
+        tensors = [_float_input(reader, name, ref, compute) for ref, reader in readers]
+        return None, base, tensors
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as pool:
+        pending = pool.submit(load, plans[0]) if plans else None
+        for index, plan in enumerate(plans):
+            if cancel is not None and cancel.is_set():
+                pending.cancel()
+                raise MergeCancelled("merge cancelled; nothing was written")
+            copied, base, tensors = pending.result()
+            pending = pool.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
+            if plan.merged:
+                per_model, params = resolve_parameters(recipe, plan)
+                result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name))
+                del base, tensors
+                writer.write(plan.out.name, result.to(plan.out.dtype))
+            else:
+                writer.write(plan.out.name, copied.to(plan.out.dtype))
+            if progress is not None:
+                progress(index + 1, len(plans), plan.out.name)
+
+
+def _float_input(reader: CheckpointReader, name: str, ref: str, device: torch.device) -> torch.Tensor:
+    tensor = reader.get(name).to(device=device, dtype=torch.float32)
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(
+            f"tensor {name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
+            "(or overflowed in a lower precision): fix or re-export that model"
+        )
+    return tensor

@@ -1,0 +1,26 @@
+"""Errors a user can act on.
+
+Every failure that bad input can cause is raised as a ``MergeStudioError`` whose message says
+what is wrong and what to do about it. The CLI prints it as one ``error: ...`` line and the app
+shows it in a dialog; anything else escaping is a bug.
+"""
+
+
+class MergeStudioError(Exception):
+    """Base class: the message is meant for the user, not the developer."""
+
+
+class RecipeError(MergeStudioError):
+    """The recipe is malformed or names an unknown method, key or out-of-range value."""
+
+
+class SourceError(MergeStudioError):
+    """A model reference cannot be resolved to a safe, readable folder of weights."""
+
+
+class CheckpointError(MergeStudioError):
+    """A checkpoint is corrupt, incompatible with the others, or cannot be written."""
+
+
+class MergeCancelled(MergeStudioError):
+    """The merge was stopped by the user; no output was left behind."""

@@ -1,0 +1,6 @@
+"""Merge methods: importing this package registers every method in ``REGISTRY``."""
+
+from merging.methods import linear, slerp, task_arithmetic  # noqa: F401  (registration)
+from merging.methods.spec import REGISTRY, REQUIRED, MergeMethod, MethodSpec, Param, get_method
+
+__all__ = ["REGISTRY", "REQUIRED", "MergeMethod", "MethodSpec", "Param", "get_method"]

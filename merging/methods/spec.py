@@ -1,0 +1,177 @@
+"""Method and parameter specifications: the one place a merge method is described.
+
+A method is a pure tensor function plus a ``MethodSpec``. The spec drives recipe validation,
+``python -m merging methods``, the README table and (later) the UI controls, so a method appears
+everywhere by being registered once with ``register``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from merging.errors import RecipeError
+
+REQUIRED = object()
+"""Sentinel default for a parameter the recipe must set."""
+
+Scope = Literal["global", "model"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable of a method.
+
+    ``scope`` is ``"model"`` for values set per input model (weight, density) and ``"global"``
+    for values set once in the recipe's top-level ``parameters``. As in mergekit, a per-model
+    value missing from a model's entry falls back to the same key in the global parameters.
+    """
+
+    name: str
+    kind: type  # float, int, bool or str
+    default: Any
+    scope: Scope
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def range_text(self) -> str:
+        if self.choices:
+            return " | ".join(self.choices)
+        if self.kind is bool:
+            return "true | false"
+        if self.low is None and self.high is None:
+            return "any number"
+        left = ("[" if self.low_inclusive else "(") + ("-inf" if self.low is None else f"{self.low:g}")
+        right = ("inf" if self.high is None else f"{self.high:g}") + ("]" if self.high_inclusive else ")")
+        return f"{left}, {right}"
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce a YAML scalar to this parameter's type or raise a RecipeError naming ``where``."""
+        bad = f"{where}: {self.name} = {value!r} is not valid; expected {self.kind.__name__} in {self.range_text()}"
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise RecipeError(bad)
+        if self.kind is str:
+            if isinstance(value, str) and (not self.choices or value in self.choices):
+                return value
+            raise RecipeError(bad)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(bad)
+        if not math.isfinite(value):
+            raise RecipeError(bad)
+        if self.kind is int:
+            if float(value) != int(value):
+                raise RecipeError(bad)
+            value = int(value)
+        value = self.kind(value)
+        if self.low is not None and (value < self.low or (value == self.low and not self.low_inclusive)):
+            raise RecipeError(bad)
+        if self.high is not None and (value > self.high or (value == self.high and not self.high_inclusive)):
+            raise RecipeError(bad)
+        return value
+
+
+# Parameters shared by many methods, declared once.
+WEIGHT = Param(
+    "weight", float, 1.0, "model",
+    "How much this model's contribution counts (for task arithmetic, its task vector's "
+    "scaling coefficient; typical 0.3-0.5 per model). mergekit requires it; here it defaults to 1.",
+)
+DENSITY = Param(
+    "density", float, 1.0, "model",
+    "Fraction of this model's delta parameters kept before merging (1 keeps all).",
+    low=0.0, high=1.0, low_inclusive=False,
+)
+NORMALIZE = Param(
+    "normalize", bool, True, "global",
+    "Divide by the sum of the weights that contribute to each entry.",
+)
+LAMBDA = Param(
+    "lambda", float, 1.0, "global",
+    "Scale applied to the merged task vector before adding it to the base.",
+)
+INT8_MASK = Param(
+    "int8_mask", bool, False, "global",
+    "Accepted for mergekit compatibility; masks are always compact booleans here.",
+)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is called, where it comes from, and what it accepts."""
+
+    name: str
+    title: str
+    paper: str
+    summary: str
+    params: tuple[Param, ...]
+    needs_base: bool
+    # True when the base takes part as an ordinary input (linear, slerp) instead of being the
+    # origin of task vectors (task arithmetic family).
+    base_is_input: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "model")
+
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.scope == "global")
+
+
+MergeFn = Callable[..., torch.Tensor]
+"""``fn(base, tensors, per_model, params, seed) -> tensor``.
+
+base: the base tensor (float32) or None; tensors: the input models' tensors (float32, same
+shape); per_model: one dict of resolved per-model parameters each; params: resolved global
+parameters; seed: an integer derived from the recipe seed and the tensor name, for methods
+with random steps. Inputs are never modified.
+"""
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    spec: MethodSpec
+    fn: MergeFn = field(repr=False)
+
+    def __call__(self, base, tensors, per_model, params, seed: int = 0) -> torch.Tensor:
+        return self.fn(base, tensors, per_model, params, seed)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(spec: MethodSpec) -> Callable[[MergeFn], MergeFn]:
+    """Decorator: register ``fn`` under ``spec.name``."""
+
+    def wrap(fn: MergeFn) -> MergeFn:
+        if spec.name in REGISTRY:
+            raise ValueError(f"merge method {spec.name!r} registered twice")
+        REGISTRY[spec.name] = MergeMethod(spec, fn)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise RecipeError(f"unknown merge_method {name!r}; available methods: {known}") from None

@@ -1,0 +1,129 @@
+"""Model references -> local folders of weights, with the safety policy applied.
+
+A reference is a local folder or a Hub repo id (``org/name``, optionally ``@revision``). Hub
+repos are downloaded with ``huggingface_hub.snapshot_download`` restricted to safetensors,
+JSON and tokenizer files, so pickles and code never reach the disk. ``trust_remote_code`` is
+never used anywhere: only the config's declared architecture is read. In hosted mode local
+paths are refused unless they lie inside an explicitly allowed root (the demo cache, the
+merge outputs), so users of a public Space cannot read server files through path inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
+from merging.errors import SourceError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "merges.txt", "vocab.txt", "*.jinja"]
+PICKLE_PATTERNS = ["pytorch_model*.bin"]
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """What references may resolve to. The defaults are the CLI's; a Space uses ``hosted``."""
+
+    allow_pickle: bool = False
+    hosted: bool = False
+    allowed_roots: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    ref: str
+    folder: Path
+    config: dict
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return archs[0]
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    if "@" in ref:
+        name, revision = ref.rsplit("@", 1)
+        return name, revision or None
+    return ref, None
+
+
+def snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+    """Download the allowed files of a Hub repo (the real Hub call; tests swap the resolver's downloader)."""
+    from huggingface_hub import snapshot_download as hub_download
+
+    return hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+
+
+def resolve_model(
+    ref: str,
+    policy: SourcePolicy = SourcePolicy(),
+    download: Callable[[str, str | None, list[str]], str] = snapshot_download,
+) -> ResolvedModel:
+    """Turn a reference into a checked local folder, downloading from the Hub when needed."""
+    local = Path(ref).expanduser()
+    if _looks_local(ref) or local.exists():
+        folder = _local_folder(ref, local, policy)
+    else:
+        folder = _hub_folder(ref, policy, download)
+    return ResolvedModel(ref, folder, read_config(folder, ref, policy))
+
+
+def _looks_local(ref: str) -> bool:
+    name, _ = split_revision(ref)
+    return ref.startswith(("/", ".", "~")) or "\\" in ref or not HUB_ID.match(name)
+
+
+def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
+    if policy.hosted:
+        resolved = path.resolve()
+        roots = [root.resolve() for root in policy.allowed_roots]
+        if not any(resolved == root or root in resolved.parents for root in roots):
+            raise SourceError(
+                f"{ref!r}: local paths are disabled on this hosted studio; use a Hub id like 'org/name' "
+                "or one of the listed demo models"
+            )
+    if not path.exists():
+        raise SourceError(
+            f"model {ref!r} not found: no such folder, and it is not a Hub id of the form 'org/name'"
+        )
+    if not path.is_dir():
+        raise SourceError(f"model {ref!r} is a file; give the folder that holds config.json and the weights")
+    return path
+
+
+def _hub_folder(ref: str, policy: SourcePolicy, download) -> Path:
+    repo_id, revision = split_revision(ref)
+    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
+    try:
+        return Path(download(repo_id, revision, patterns))
+    except Exception as exc:  # huggingface_hub raises many error types; all mean "cannot fetch"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(
+            f"cannot download {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+            "check the id and revision, your network, and for gated or private repos your HF_TOKEN"
+        ) from None
+
+
+def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy()) -> dict:
+    """Read config.json and check the folder holds weights we are allowed to load."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{ref!r} is not a model folder: it has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{ref!r}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise SourceError(f"{ref!r}: config.json is not a JSON object")
+    if not safetensors_files(folder):
+        if pickle_files(folder):
+            if not policy.allow_pickle:
+                raise SourceError(pickle_refusal(repr(ref)))
+        else:
+            raise SourceError(f"{ref!r} has a config.json but no weights (*.safetensors)")
+    return config
