@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
+    methods = commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
+    methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
     return parser
 
 
@@ -71,7 +72,23 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def methods_markdown() -> str:
+    """The README's methods table, generated from the registered specs so docs never drift."""
+    rows = ["| method | what it does | parameters (per model / global, default) |", "|---|---|---|"]
+    for name, method in REGISTRY.items():
+        spec = method.spec
+        params = ", ".join(
+            f"`{p.name}`{'' if p.scope == 'global' else ' (per model)'} = {str(p.default).lower()}"
+            for p in spec.params if p.name != "int8_mask"
+        )
+        rows.append(f"| [`{name}`]({spec.paper}) | {spec.summary} | {params} |")
+    return "\n".join(rows)
+
+
 def cmd_methods(args) -> int:
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     for name, method in REGISTRY.items():
         spec = method.spec
         print(f"{name}: {spec.title} — {spec.summary}")
