@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from merging.errors import CheckpointError
 
@@ -55,86 +54,161 @@ class TensorInfo:
         return count * torch.empty((), dtype=self.dtype).element_size()
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a larger header is hostile or corrupt
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor's bytes lie in its file."""
+
+    path: Path
+    start: int  # absolute file offset
+    info: TensorInfo
+
+
+def read_safetensors_header(path: Path, label: str) -> list[_Entry]:
+    """Parse and check a safetensors header without reading (or allocating) any tensor data.
+
+    Every declared tensor must have a known dtype, a shape whose byte size equals its offsets'
+    span, and lie inside the file without overlapping another, so a crafted header cannot make
+    us allocate or read more than the file holds.
+    """
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{label}: {path.name} is not a valid safetensors file ({why}); the file is corrupt or "
+            "truncated: download or save it again"
+        )
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise corrupt("shorter than its 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise corrupt(f"declares a {header_len}-byte header in a {size}-byte file")
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{label}: cannot read {path.name}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise corrupt("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise corrupt(f"tensor {name!r} has no description")
+        dtype = _FROM_SAFETENSORS.get(meta.get("dtype"))
+        shape, offsets = meta.get("shape"), meta.get("data_offsets")
+        if dtype is None:
+            raise corrupt(f"tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise corrupt(f"tensor {name!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise corrupt(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        info = TensorInfo(name, tuple(shape), dtype)
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise corrupt(f"tensor {name!r} lies outside the file (bytes {begin}-{end} of {data_size})")
+        if end - begin != info.nbytes:
+            raise corrupt(f"tensor {name!r} declares shape {shape} ({info.nbytes} bytes) but spans {end - begin} bytes")
+        entries.append(_Entry(path, data_start + begin, info))
+    previous_end, previous = data_start, None
+    for entry in sorted(entries, key=lambda e: e.start):
+        if entry.start < previous_end:
+            raise corrupt(f"tensors {previous!r} and {entry.info.name!r} overlap")
+        previous_end, previous = entry.start + entry.info.nbytes, entry.info.name
+    return entries
+
+
 class CheckpointReader:
     """Lazy access to the tensors of one model folder.
 
-    Safetensors files (single or sharded with an index) are opened memory-mapped; tensors are
-    read only when asked for. Pickle checkpoints (``pytorch_model.bin``) are read only when
-    ``allow_pickle`` is set, with ``torch.load(weights_only=True)`` so no code runs.
+    Safetensors files (single or sharded with an index) are indexed from their checked headers;
+    a tensor's bytes are read only when asked for, straight into a fresh buffer with ``preadv``
+    (no memory map, so pages of tensors already merged do not linger in the process's memory,
+    and reads from several threads need no locking). Pickle checkpoints (``pytorch_model.bin``)
+    are read only when ``allow_pickle`` is set, with ``torch.load(weights_only=True)`` so no
+    code runs.
     """
 
     def __init__(self, folder: Path, *, allow_pickle: bool = False, label: str | None = None):
         self.folder = Path(folder)
         self.label = label or str(folder)
-        self._files: dict[str, Path] = {}  # tensor name -> file
-        self._handles: dict[Path, object] = {}
-        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
-        self._info: dict[str, TensorInfo] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._fds: dict[Path, int] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
         files = safetensors_files(self.folder)
         if files:
-            self._index_safetensors(files)
+            for path in files:
+                for entry in read_safetensors_header(path, self.label):
+                    self._entries[entry.info.name] = entry
         elif pickle_files(self.folder):
             if not allow_pickle:
                 raise CheckpointError(pickle_refusal(self.label))
-            self._index_pickles(pickle_files(self.folder))
+            self._load_pickles(pickle_files(self.folder))
         else:
             raise CheckpointError(f"{self.label}: no weights found (no *.safetensors files); is this a model folder?")
 
-    # -- discovery -------------------------------------------------------------------------
-    def _open(self, path: Path):
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise CheckpointError(
-                    f"{self.label}: {path.name} is not a readable safetensors file ({exc}); "
-                    "the file is corrupt or truncated: download or save it again"
-                ) from None
-        return self._handles[path]
-
-    def _index_safetensors(self, files: list[Path]) -> None:
-        for path in files:
-            handle = self._open(path)
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                dtype = _FROM_SAFETENSORS.get(piece.get_dtype())
-                if dtype is None:
-                    raise CheckpointError(f"{self.label}: tensor {name} has unsupported dtype {piece.get_dtype()}")
-                self._files[name] = path
-                self._info[name] = TensorInfo(name, tuple(piece.get_shape()), dtype)
-
-    def _index_pickles(self, files: list[Path]) -> None:
+    def _load_pickles(self, files: list[Path]) -> None:
         for path in files:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad pickles
                 raise CheckpointError(f"{self.label}: cannot read {path.name} safely: {exc}") from None
-            self._pickled[path] = state
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{self.label}: {path.name} does not hold a state dict of tensors")
             for name, tensor in state.items():
-                self._files[name] = path
-                self._info[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+                if isinstance(tensor, torch.Tensor):
+                    self._pickled[name] = tensor
 
-    # -- access ----------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return list(self._info)
+        return list(self._pickled or self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._info
+        return name in self._entries or name in self._pickled
 
     def info(self, name: str) -> TensorInfo:
-        return self._info[name]
+        if name in self._pickled:
+            tensor = self._pickled[name]
+            return TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+        return self._entries[name].info
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._files[name]
-        if path in self._pickled:
-            return self._pickled[path][name]
-        try:
-            return self._open(path).get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path.name}: {exc}") from None
+        """Read one tensor into new memory owned by the caller."""
+        if name in self._pickled:
+            return self._pickled[name]
+        entry = self._entries[name]
+        info = entry.info
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            try:
+                fd = self._fds.get(entry.path)
+                if fd is None:
+                    fd = self._fds[entry.path] = os.open(entry.path, os.O_RDONLY)
+                view = memoryview(buffer.numpy())
+                done = 0
+                while done < info.nbytes:
+                    count = os.preadv(fd, [view[done:]], entry.start + done)
+                    if count == 0:
+                        raise OSError(f"file ends early at byte {entry.start + done}")
+                    done += count
+            except OSError as exc:
+                raise CheckpointError(f"{self.label}: cannot read tensor {name} from {entry.path.name}: {exc}") from None
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickled.clear()
 
 

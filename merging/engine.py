@@ -288,7 +288,8 @@ def merge(
 
 def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, cancel) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
-    base_reader = models.reader(models.base) if models.base else None
+    # linear and slerp take the base as an ordinary input: it is read once, among the inputs
+    base_reader = models.reader(models.base) if models.base and not recipe.method.base_is_input else None
     readers = [(m.ref, models.reader(m)) for m in models.inputs]
     ref_reader = models.reader(models.reference)
 
@@ -296,8 +297,8 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
         name = plan.out.name
         if not plan.merged:
             return ref_reader.get(name), None, None
-        base = _float_input(base_reader, name, models.base.ref, compute) if base_reader else None
-        tensors = [_float_input(reader, name, ref, compute) for ref, reader in readers]
+        base = base_reader.get(name).to(compute, non_blocking=True) if base_reader else None
+        tensors = [reader.get(name).to(compute, non_blocking=True) for _, reader in readers]
         return None, base, tensors
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as pool:
@@ -311,6 +312,8 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
             if plan.merged:
                 per_model, params = resolve_parameters(recipe, plan)
                 result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name))
+                if not torch.isfinite(result).all():
+                    raise CheckpointError(_non_finite_message(plan.out.name, base, tensors, models))
                 del base, tensors
                 writer.write(plan.out.name, result.to(plan.out.dtype))
             else:
@@ -319,11 +322,18 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
                 progress(index + 1, len(plans), plan.out.name)
 
 
-def _float_input(reader: CheckpointReader, name: str, ref: str, device: torch.device) -> torch.Tensor:
-    tensor = reader.get(name).to(device=device, dtype=torch.float32)
-    if not torch.isfinite(tensor).all():
-        raise CheckpointError(
-            f"tensor {name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
-            "(or overflowed in a lower precision): fix or re-export that model"
-        )
-    return tensor
+def _non_finite_message(name: str, base, tensors, models: _Inputs) -> str:
+    """Name the source whose tensor holds NaN/Inf (non-finite inputs always reach the result)."""
+    sources = ([(models.base.ref, base)] if base is not None else []) + [
+        (m.ref, t) for m, t in zip(models.inputs, tensors)
+    ]
+    for ref, tensor in sources:
+        if not torch.isfinite(tensor).all():
+            return (
+                f"tensor {name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
+                "(or overflowed in a lower precision): fix or re-export that model"
+            )
+    return (
+        f"merging tensor {name} overflowed to NaN or Inf although every source is finite; "
+        "check extreme weights or lambda in the recipe"
+    )

@@ -7,13 +7,20 @@ import torch
 
 from merging.methods import REGISTRY, get_method
 from merging.methods.sparsify import (
-    elect_sign,
-    kth_largest,
-    magnitude_mask,
-    outlier_magnitude_mask,
-    random_mask,
-    rescale_kept,
+    BLOCK,
+    TaskVector,
+    disjoint_merge,
+    kth_largest_magnitude,
+    magnitude_keep,
+    outlier_keep,
+    random_keep,
+    rescale_factor,
 )
+
+
+def whole(keep, values):
+    """Apply a Keep to a whole flat tensor (one chunk)."""
+    return keep(slice(0, values.numel()), values)
 
 
 def run(name, base, tensors, per_model, **params):
@@ -102,57 +109,89 @@ def test_slerp_falls_back_to_lerp_for_nearly_collinear_tensors():
     assert torch.allclose(run("slerp", None, [a, b], [{}, {}], t=0.25), 0.75 * a + 0.25 * b)
 
 
-@pytest.mark.parametrize("n", [10, 1000, 300_000, 2_000_000])
-def test_kth_largest_is_exact(n):
-    values = torch.randn(n).abs()
-    ordered = values.sort(descending=True).values
+@pytest.mark.parametrize("n", [10, 1000, 300_000, 2_500_000])
+def test_kth_largest_magnitude_is_exact(n):
+    values = torch.randn(n)
+    delta = TaskVector(values + 1.0, torch.ones(n))
+    ordered = values.abs().sort(descending=True).values
     for k in (1, n // 3, n // 2 + 1, n):
         k = max(1, k)
-        assert kth_largest(values, k).item() == ordered[k - 1].item()
+        assert kth_largest_magnitude(delta, k) == pytest.approx(ordered[k - 1].item(), abs=1e-6)
 
 
-def test_kth_largest_is_exact_with_heavy_ties():
-    values = torch.randint(0, 5, (1_000_000,)).float()
-    ordered = values.sort(descending=True).values
+def test_kth_largest_magnitude_is_exact_with_heavy_ties():
+    values = torch.randint(-4, 5, (1_000_000,)).float()
+    delta = TaskVector(values, torch.zeros_like(values))
+    ordered = values.abs().sort(descending=True).values
     for k in (1, 200_000, 500_001, 999_999):
-        assert kth_largest(values, k).item() == ordered[k - 1].item()
+        assert kth_largest_magnitude(delta, k) == ordered[k - 1].item()
 
 
-def test_magnitude_mask_keeps_exactly_k_of_distinct_values():
-    delta = torch.randn(500_000)
-    mask = magnitude_mask(delta, 0.2)
-    assert mask.sum().item() == int(0.2 * delta.numel())
-    assert delta[mask].abs().min() >= delta[~mask].abs().max()
+def test_magnitude_keep_keeps_exactly_k_of_distinct_values():
+    values = torch.randn(500_000)
+    kept = whole(magnitude_keep(TaskVector(values, torch.zeros_like(values)), 0.2), values)
+    assert kept.sum().item() == int(0.2 * values.numel())
+    assert values[kept].abs().min() >= values[~kept].abs().max()
 
 
-def test_magnitude_mask_keeps_at_least_one_entry():
-    assert magnitude_mask(t(0.1, -0.2, 0.3), 0.01).sum().item() == 1
+def test_magnitude_keep_keeps_at_least_one_entry():
+    values = t(0.1, -0.2, 0.3)
+    assert whole(magnitude_keep(TaskVector(values, torch.zeros(3)), 0.01), values).sum().item() == 1
 
 
-def test_outlier_mask_counts_follow_mergekit():
-    delta = torch.randn(100_000)
-    mask = outlier_magnitude_mask(delta, 0.3, 0.05)
-    assert mask.sum().item() == 30_000
-    top = delta.abs().topk(5_000).values.min()
-    assert not mask[delta.abs() >= top].any()
+def test_outlier_keep_counts_follow_mergekit():
+    values = torch.randn(100_000)
+    kept = whole(outlier_keep(TaskVector(values, torch.zeros_like(values)), 0.3, 0.05), values)
+    assert kept.sum().item() == 30_000
+    top = values.abs().topk(5_000).values.min()
+    assert not kept[values.abs() >= top].any()
 
 
-def test_random_mask_is_device_independent_and_seeded():
-    assert torch.equal(random_mask((1000,), 0.3, 5, "cpu"), random_mask((1000,), 0.3, 5, "cpu"))
-    assert not torch.equal(random_mask((1000,), 0.3, 5, "cpu"), random_mask((1000,), 0.3, 6, "cpu"))
+def test_random_keep_is_seeded_and_independent_of_chunking():
+    n = 2 * BLOCK + 123
+    values = torch.zeros(n)
+    keep = random_keep(n, 0.3, seed=5)
+    whole_mask = whole(keep, values)
+    halves = torch.cat([keep(slice(0, BLOCK), values[:BLOCK]), keep(slice(BLOCK, n), values[BLOCK:])])
+    assert torch.equal(whole_mask, halves)
+    assert torch.equal(whole_mask, whole(random_keep(n, 0.3, seed=5), values))
+    assert not torch.equal(whole_mask, whole(random_keep(n, 0.3, seed=6), values))
+    assert abs(whole_mask.float().mean().item() - 0.3) < 0.005
 
 
 def test_rescale_l1_restores_the_norm_and_density_divides():
-    delta = torch.randn(10_000)
-    kept = random_mask(delta.shape, 0.4, 0, "cpu")
-    l1 = rescale_kept(delta, kept, 0.4, "l1")
-    assert torch.isclose(l1.abs().sum(), delta.abs().sum(), rtol=1e-5)
-    assert torch.allclose(rescale_kept(delta, kept, 0.4, "density"), delta * kept / 0.4)
-    assert torch.equal(rescale_kept(delta, kept, 0.4, "none"), delta * kept)
+    values = torch.randn(10_000)
+    delta = TaskVector(values, torch.zeros_like(values))
+    keep = random_keep(values.numel(), 0.4, seed=0)
+    scale = rescale_factor(delta, keep, 0.4, "l1")
+    assert (values * whole(keep, values) * scale).abs().sum().item() == pytest.approx(values.abs().sum().item(), rel=1e-5)
+    assert rescale_factor(delta, keep, 0.4, "density") == pytest.approx(2.5)
+    assert rescale_factor(delta, keep, 0.4, "none") == 1.0
 
 
-def test_sign_election_counts_zero_as_positive():
-    assert torch.equal(elect_sign([t(1.0, -1.0, 0.0), t(-1.0, -1.0, 0.0)]), t(1.0, -1.0, 1.0))
+def test_sign_election_counts_zero_as_positive_and_skips_pruned_entries():
+    # entry 0: +1 vs -1 sums to 0 -> elected +, only the +1 agrees; entry 2: both pruned -> 0
+    merged = disjoint_merge([t(1.0, -1.0, 0.0), t(-1.0, -1.0, 0.0)], [1.0, 1.0], normalize=True)
+    assert torch.equal(merged, t(1.0, -1.0, 0.0))
+
+
+def test_chunked_ties_equals_the_whole_tensor_formula():
+    """Chunking is an implementation detail: the result over several chunks equals the formula."""
+    base = torch.randn(3 * BLOCK + 7)
+    models = [base + 0.01 * torch.randn_like(base) for _ in range(3)]
+    merged = run("ties", base, models, [{"density": 0.3, "weight": w} for w in (0.5, 0.3, 0.2)])
+    weighted = []
+    for x, w in zip(models, (0.5, 0.3, 0.2)):
+        d = x - base
+        thr = d.abs().kthvalue(d.numel() - int(0.3 * d.numel()) + 1).values
+        weighted.append(torch.where(d.abs() >= thr, d, 0.0) * w)
+    total = torch.stack(weighted).sum(0)
+    elected = torch.where(total >= 0, 1.0, -1.0)
+    agree = [torch.sign(d) == elected for d in weighted]
+    numer = sum(d * a for d, a in zip(weighted, agree))
+    denom = sum(w * a for w, a in zip((0.5, 0.3, 0.2), agree))
+    expected = base + numer / torch.where(denom == 0, 1.0, denom)
+    assert torch.allclose(merged, expected, atol=1e-6)
 
 
 def test_every_method_returns_the_source_for_a_single_identical_model():

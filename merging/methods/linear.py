@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from merging.methods.sparsify import chunks
 from merging.methods.spec import NORMALIZE, WEIGHT, MethodSpec, register
 
 
@@ -19,10 +20,12 @@ from merging.methods.spec import NORMALIZE, WEIGHT, MethodSpec, register
 def linear(base, tensors, per_model, params, seed):
     """θ = Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (a sum of ~0 is left undivided)."""
     weights = [p["weight"] for p in per_model]
-    merged = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
-        merged.add_(tensor, alpha=weight)
     total = sum(weights)
-    if params["normalize"] and abs(total) >= 1e-8:
-        merged /= total
-    return merged
+    scale = 1.0 / total if params["normalize"] and abs(total) >= 1e-8 else 1.0
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.zeros(flat[0].numel(), dtype=torch.float32, device=flat[0].device)
+    for part in chunks(out.numel(), out.device):
+        acc = out[part]
+        for tensor, weight in zip(flat, weights):
+            acc.add_(tensor[part].float(), alpha=weight * scale)
+    return out.reshape(tensors[0].shape)

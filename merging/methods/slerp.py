@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from merging.methods.sparsify import chunks
 from merging.methods.spec import MethodSpec, Param, register
 
 DOT_THRESHOLD = 0.9995  # nearly collinear tensors: slerp is ill-conditioned, lerp is exact enough
@@ -33,17 +36,25 @@ def slerp(base, tensors, per_model, params, seed):
 
     ``tensors`` is [base, other]; the angle is measured between the normalized tensors, the
     interpolation applied to the unnormalized ones (as mergekit). When |cos Ω| > 0.9995 it
-    falls back to linear interpolation.
+    falls back to linear interpolation. Norms and the dot product take one chunked pass.
     """
-    a, b = tensors
+    a, b = (x.reshape(-1) for x in tensors)
     t = params["t"]
-    a_norm = torch.linalg.vector_norm(a)
-    b_norm = torch.linalg.vector_norm(b)
-    a_norm = a_norm if a_norm > EPS else torch.ones_like(a_norm)
-    b_norm = b_norm if b_norm > EPS else torch.ones_like(b_norm)
-    dot = torch.clamp(torch.sum((a / a_norm) * (b / b_norm)), -1.0, 1.0)
-    if dot.abs() > DOT_THRESHOLD:
-        return (1 - t) * a + t * b
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / sin_theta) * a + (torch.sin(t * theta) / sin_theta) * b
+    norm_a = norm_b = dot = 0.0
+    for part in chunks(a.numel(), a.device):
+        x, y = a[part].double(), b[part].double()
+        norm_a += x.square().sum().item()
+        norm_b += y.square().sum().item()
+        dot += (x * y).sum().item()
+    norm_a, norm_b = norm_a**0.5, norm_b**0.5
+    cos = dot / ((norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0))
+    cos = min(1.0, max(-1.0, cos))
+    if abs(cos) > DOT_THRESHOLD:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = math.acos(cos)
+        coef_a, coef_b = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    out = torch.empty(a.numel(), dtype=torch.float32, device=a.device)
+    for part in chunks(a.numel(), a.device):
+        torch.add(a[part].float() * coef_a, b[part].float(), alpha=coef_b, out=out[part])
+    return out.reshape(tensors[0].shape)

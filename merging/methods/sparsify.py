@@ -1,131 +1,196 @@
-"""The shared steps of the task-arithmetic family, each a small pure tensor function.
+"""The shared steps of the task-arithmetic family, each small and composable.
 
 TIES, DARE, Breadcrumbs and their combinations are compositions of these:
 ``task vector -> sparsify (trim or drop) -> rescale -> weight -> sign election -> disjoint merge``.
-Everything here works on one parameter tensor at a time (never on the whole model), like
-mergekit and PEFT; the original TIES code trimmed over the whole flattened model.
+Everything works on one parameter tensor at a time (never the whole model), like mergekit and
+PEFT; the original TIES code trimmed over the whole flattened model.
+
+Tensors are processed in chunks of ``BLOCK`` entries: every elementwise step of a chunk runs
+in cache, scratch memory stays a few MB whatever the tensor's size, and inputs stay in their
+stored dtype (bf16 inputs are widened to float32 one chunk at a time). Steps that need the
+whole tensor (a magnitude threshold, an L1 norm) make one extra chunked pass first.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
 import torch
 
+BLOCK = 1 << 20  # entries per chunk on a CPU (4 MB of float32); also the random-mask block
+GPU_BLOCKS = 64  # a GPU takes 64 blocks per chunk: fewer, larger kernels
 _SAMPLE = 1 << 16  # entries sampled to bracket a k-th largest magnitude
-_BAND = 0.01  # half-width, in quantile, of the bracket around the target
+_BAND = 0.01  # half-width, in quantile, of that bracket
+
+Keep = Callable[[slice, torch.Tensor], torch.Tensor]
+"""keep(chunk_slice, delta_chunk) -> bool mask of the entries that survive sparsification."""
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a flat tensor (1 <= k <= numel), exactly.
+def chunks(numel: int, device: torch.device) -> Iterator[slice]:
+    """Chunk slices over a flat tensor; chunk starts are always multiples of BLOCK."""
+    step = BLOCK * (GPU_BLOCKS if device.type == "cuda" else 1)
+    for start in range(0, numel, step):
+        yield slice(start, min(numel, start + step))
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """δ = θ − θ_base of one tensor, computed on demand in float32, chunk by chunk."""
+
+    model: torch.Tensor
+    base: torch.Tensor
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", self.model.reshape(-1))
+        object.__setattr__(self, "base", self.base.reshape(-1))
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+    def chunk(self, part: slice) -> torch.Tensor:
+        return self.model[part].float() - self.base[part].float()
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        for part in chunks(self.numel, self.base.device):
+            yield part, self.chunk(part)
+
+
+def kth_largest_magnitude(delta: TaskVector, k: int) -> float:
+    """The k-th largest |δ| (1 <= k <= numel), exactly.
 
     A full sort (mergekit's ``argsort``) costs O(n log n) and dominates TIES on a CPU. Instead a
-    fixed, evenly strided sample brackets the target quantile, entries outside the bracket are
-    only counted, and the exact order statistic is taken among the few inside it. When the
-    bracket misses (heavy ties, tiny tensors) it falls back to ``torch.kthvalue`` on everything.
+    fixed, evenly strided sample brackets the target quantile; one chunked pass counts the
+    entries above the bracket and keeps the few inside it, and the exact order statistic is
+    taken among those. When the bracket misses (heavy ties) it falls back to ``kthvalue`` on
+    all magnitudes.
     """
-    n = values.numel()
-    if n <= 4 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // _SAMPLE]
-    q = 1.0 - k / n
-    bounds = torch.tensor([max(0.0, q - _BAND), min(1.0, q + _BAND)], device=values.device)
-    low, high = torch.quantile(sample, bounds)
-    above = int(torch.count_nonzero(values > high))
-    band = values[(values >= low) & (values <= high)]
-    rank = k - above  # rank of the target inside the band, counted from the top
-    if 0 < rank <= band.numel():
-        return torch.kthvalue(band, band.numel() - rank + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    n = delta.numel
+    if n > 4 * _SAMPLE:
+        step = n // _SAMPLE
+        sample = (delta.model[::step].float() - delta.base[::step].float()).abs()
+        q = 1.0 - k / n
+        bounds = torch.tensor([max(0.0, q - _BAND), min(1.0, q + _BAND)], device=sample.device)
+        low, high = torch.quantile(sample, bounds).tolist()
+        above, band = 0, []
+        for _, chunk in delta.chunks():
+            magnitude = chunk.abs_()
+            above += int(torch.count_nonzero(magnitude > high))
+            band.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+        band = torch.cat(band)
+        rank = k - above  # the target's rank inside the band, counted from the top
+        if 0 < rank <= band.numel():
+            return torch.kthvalue(band, band.numel() - rank + 1).values.item()
+    magnitude = torch.cat([chunk.abs_() for _, chunk in delta.chunks()])
+    return torch.kthvalue(magnitude, n - k + 1).values.item()
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES "trim": keep the top ``density`` fraction of entries by |delta|.
+def magnitude_keep(delta: TaskVector, density: float) -> Keep:
+    """TIES "trim": keep the top ``density`` fraction of entries by |δ|.
 
-    k = max(1, int(density * numel)) as in mergekit. Entries tied with the k-th magnitude are
-    all kept (mergekit's argsort keeps an arbitrary subset of them); with float weights ties
-    are rare and only ever involve equal values.
+    k = max(1, int(density · numel)) as in mergekit. Entries tied with the k-th magnitude are
+    all kept (mergekit's argsort keeps an arbitrary subset of equal values).
     """
-    if density >= 1.0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    magnitude = delta.abs()
-    k = max(1, int(density * delta.numel()))
-    return magnitude >= kth_largest(magnitude.reshape(-1), k)
+    threshold = kth_largest_magnitude(delta, max(1, int(density * delta.numel)))
+    return lambda part, chunk: chunk.abs() >= threshold
 
 
-def outlier_magnitude_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_keep(delta: TaskVector, density: float, gamma: float) -> Keep:
     """Model Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``.
 
-    Counts follow mergekit: keep = int(density*n), top = int(gamma*n) and the bottom
-    n - keep - top entries go (fewer outliers are dropped when density + gamma > 1).
+    Counts follow mergekit: keep = int(density·n), and min(int(gamma·n), n − keep) outliers go
+    (fewer outliers are dropped when density + gamma > 1).
     """
-    if density >= 1.0:
-        return torch.ones_like(delta, dtype=torch.bool)
-    n = delta.numel()
+    n = delta.numel
     keep = int(density * n)
     if keep == 0:
-        return torch.zeros_like(delta, dtype=torch.bool)
-    top = n - keep - max(0, n - keep - int(gamma * n))  # outliers actually dropped
-    magnitude = delta.abs()
-    flat = magnitude.reshape(-1)
-    upper = kth_largest(flat, top + 1)
-    lower = kth_largest(flat, top + keep)
-    return (magnitude >= lower) & (magnitude <= upper)
+        return lambda part, chunk: torch.zeros_like(chunk, dtype=torch.bool)
+    top = min(int(gamma * n), n - keep)
+    upper = kth_largest_magnitude(delta, top + 1)
+    lower = kth_largest_magnitude(delta, top + keep)
+
+    def kept(part, chunk):
+        magnitude = chunk.abs()
+        return (magnitude >= lower) & (magnitude <= upper)
+
+    return kept
 
 
-def random_mask(shape: torch.Size, density: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """DARE "drop": keep each entry independently with probability ``density`` (= 1 - drop rate).
+def block_seed(seed: int, block: int) -> int:
+    """An independent 63-bit seed per random block (splitmix64 of seed and block index)."""
+    z = (seed * 0x9E3779B97F4A7C15 + block + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
 
-    Drawn on the CPU from a generator seeded by ``seed``, so the mask is the same on every device.
+
+def random_keep(numel: int, density: float, seed: int) -> Keep:
+    """DARE "drop": keep each entry independently with probability ``density`` (= 1 − drop rate).
+
+    Masks are drawn on the CPU, one generator per fixed block of BLOCK entries seeded from
+    ``seed`` and the block's index, so they are identical on every device and chunking.
     """
-    if density >= 1.0:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=generator) < density).to(device)
+
+    def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
+        first = part.start // BLOCK
+        pieces = []
+        for block in range(first, -(-part.stop // BLOCK)):
+            size = min(BLOCK, numel - block * BLOCK)
+            generator = torch.Generator().manual_seed(block_seed(seed, block))
+            pieces.append(torch.rand(size, generator=generator) < density)
+        return torch.cat(pieces).to(chunk.device, non_blocking=True)
+
+    return kept
 
 
-def rescale_kept(delta: torch.Tensor, kept: torch.Tensor, density: float, mode: str) -> torch.Tensor:
-    """Apply a keep-mask to a delta and rescale what survives.
+def rescale_factor(delta: TaskVector, keep: Keep, density: float, mode: str) -> float:
+    """The factor applied to the survivors of sparsification.
 
-    ``density``: divide by the keep probability, DARE's unbiased estimator δ̃ = m⊙δ / (1-p).
-    ``l1``: scale so the masked delta has the original's L1 norm (mergekit since Feb 2025),
-    skipped when either norm is below 1e-7. ``none``: no rescaling.
+    ``density``: 1/density, DARE's unbiased estimator δ̃ = m⊙δ / (1 − p).
+    ``l1``: ‖δ‖₁ / ‖m⊙δ‖₁, restoring the L1 norm (mergekit since Feb 2025); 1 when either norm
+    is below 1e-7. ``none``: 1.
     """
-    masked = delta * kept
-    if mode == "none" or density >= 1.0:
-        return masked
+    if mode == "none":
+        return 1.0
     if mode == "density":
-        return masked / density
-    before = delta.abs().sum()
-    after = masked.abs().sum()
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
+        return 1.0 / density
+    before = after = 0.0
+    for part, chunk in delta.chunks():
+        magnitude = chunk.abs_()
+        before += magnitude.sum().item()
+        after += (magnitude * keep(part, chunk)).sum().item()
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
 
 
-def elect_sign(weighted_deltas: list[torch.Tensor]) -> torch.Tensor:
-    """TIES sign election: the sign of Σᵢ wᵢδᵢ per entry, with 0 counted as +1 (as mergekit).
+def sum_merge(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """Σ wᵢδᵢ, divided by Σ wᵢ when ``normalize`` (a total of ~0 is left undivided)."""
+    total = torch.stack(weighted).sum(0) if len(weighted) > 1 else weighted[0].clone()
+    weight_sum = sum(weights)
+    if normalize and abs(weight_sum) >= 1e-8:
+        total /= weight_sum
+    return total
 
-    Because the weights are applied before the vote, a heavier model pulls the vote its way.
+
+def disjoint_merge(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES elect + disjoint merge: sum the weighted deltas that agree with the elected sign.
+
+    Written without materializing the sign: the positive and negative parts are summed apart,
+    and the elected sign picks one (Σ δ⁺ if Σ δ⁺ + Σ δ⁻ >= 0, else Σ δ⁻). With ``normalize`` the
+    sum is divided by the total weight of the agreeing models per entry (0 -> 1). Pruned
+    entries are 0 and have no sign, so they never agree.
     """
-    total = torch.stack(weighted_deltas).sum(dim=0) if len(weighted_deltas) > 1 else weighted_deltas[0]
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-
-
-def disjoint_merge(
-    weighted_deltas: list[torch.Tensor], weights: list[float], elected: torch.Tensor, normalize: bool
-) -> torch.Tensor:
-    """TIES disjoint merge: sum the entries that agree with the elected sign.
-
-    With ``normalize`` the sum is divided by the total weight of the agreeing models per entry
-    (a weighted disjoint mean; entries where none agree keep 0). Pruned entries are 0 and have
-    no sign, so they never count as agreeing.
-    """
-    merged = torch.zeros_like(elected)
-    divisor = torch.zeros_like(elected) if normalize else None
-    for delta, weight in zip(weighted_deltas, weights):
-        agrees = torch.sign(delta) == elected
-        merged += delta * agrees
-        if divisor is not None:
-            divisor += weight * agrees
-    if divisor is not None:
+    positive = torch.zeros_like(weighted[0])
+    negative = torch.zeros_like(weighted[0])
+    for delta in weighted:
+        positive += delta.clamp(min=0)
+        negative += delta.clamp(max=0)
+    elected_positive = positive + negative >= 0
+    merged = torch.where(elected_positive, positive, negative)
+    if normalize:
+        divisor = torch.zeros_like(merged)
+        for delta, weight in zip(weighted, weights):
+            agrees = torch.where(elected_positive, delta > 0, delta < 0)
+            divisor += agrees * weight
         merged /= torch.where(divisor == 0, 1.0, divisor)
     return merged

@@ -138,10 +138,10 @@ class MethodSpec:
 MergeFn = Callable[..., torch.Tensor]
 """``fn(base, tensors, per_model, params, seed) -> tensor``.
 
-base: the base tensor (float32) or None; tensors: the input models' tensors (float32, same
-shape); per_model: one dict of resolved per-model parameters each; params: resolved global
+base: the base tensor or None; tensors: the input models' tensors (same shape, in their
+stored dtype, on the compute device; methods widen them to float32 chunk by chunk); per_model: one dict of resolved per-model parameters each; params: resolved global
 parameters; seed: an integer derived from the recipe seed and the tensor name, for methods
-with random steps. Inputs are never modified.
+with random steps. Inputs are never modified; the result is float32.
 """
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 
 from merging.methods.sparsify import (
+    TaskVector,
+    chunks,
     disjoint_merge,
-    elect_sign,
-    magnitude_mask,
-    outlier_magnitude_mask,
-    random_mask,
-    rescale_kept,
+    magnitude_keep,
+    outlier_keep,
+    random_keep,
+    rescale_factor,
+    sum_merge,
 )
 from merging.methods.spec import DENSITY, INT8_MASK, LAMBDA, WEIGHT, MethodSpec, Param, register
 
@@ -58,37 +60,45 @@ def _rescale_mode(default: str) -> Param:
     )
 
 
-def _sparsify(delta: torch.Tensor, kind: str | None, p: dict, params: dict, seed: int) -> torch.Tensor:
+def _sparsifier(delta: TaskVector, kind: str | None, p: dict, params: dict, seed: int):
+    """(keep, scale) for one model's task vector: which entries survive, and their rescale factor."""
     density = p.get("density", 1.0)
     if kind is None or density >= 1.0:
-        return delta
+        return None, 1.0
     if kind == "magnitude":
-        kept = magnitude_mask(delta, density)
+        keep = magnitude_keep(delta, density)
     elif kind == "random":
-        kept = random_mask(delta.shape, density, seed, delta.device)
-    elif kind == "outliers":
-        kept = outlier_magnitude_mask(delta, density, p["gamma"])
-    else:  # pragma: no cover - guarded by the registrations below
-        raise ValueError(kind)
+        keep = random_keep(delta.numel, density, seed)
+    else:
+        keep = outlier_keep(delta, density, p["gamma"])
     mode = params.get("rescale_mode", "l1") if params.get("rescale", False) else "none"
-    return rescale_kept(delta, kept, density, mode)
+    return keep, rescale_factor(delta, keep, density, mode)
 
 
 def task_vector_merge(base, tensors, per_model, params, seed, *, sparsifier: str | None, consensus: bool):
-    """θ_base + λ · combine(wᵢ · sparsify(θᵢ − θ_base)), the shared pipeline described above."""
+    """θ_base + λ · combine(wᵢ · rescale · sparsify(θᵢ − θ_base)), the shared pipeline above.
+
+    Thresholds and norms are found first (one chunked pass per model where needed); then each
+    chunk of the output is computed from the same chunk of every input.
+    """
+    deltas = [TaskVector(x, base) for x in tensors]
     weights = [p["weight"] for p in per_model]
-    weighted = [
-        _sparsify(x - base, sparsifier, p, params, seed + i) * w
-        for i, (x, p, w) in enumerate(zip(tensors, per_model, weights))
-    ]
-    if consensus:
-        combined = disjoint_merge(weighted, weights, elect_sign(weighted), params["normalize"])
-    else:
-        combined = torch.stack(weighted).sum(dim=0)
-        total = sum(weights)
-        if params["normalize"] and abs(total) >= 1e-8:
-            combined /= total
-    return base + params["lambda"] * combined
+    plans = [_sparsifier(d, sparsifier, p, params, seed + i) for i, (d, p) in enumerate(zip(deltas, per_model))]
+    out = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+    flat_base = base.reshape(-1)
+    for part in chunks(base.numel(), base.device):
+        weighted = []
+        for delta, (keep, scale), weight in zip(deltas, plans, weights):
+            chunk = delta.chunk(part)
+            if keep is not None:
+                chunk *= keep(part, chunk)
+            weighted.append(chunk.mul_(weight * scale))
+        if consensus:
+            combined = disjoint_merge(weighted, weights, params["normalize"])
+        else:
+            combined = sum_merge(weighted, weights, params["normalize"])
+        torch.add(flat_base[part].float(), combined, alpha=params["lambda"], out=out[part])
+    return out.reshape(base.shape)
 
 
 def _family_member(name, title, paper, summary, sparsifier, consensus, normalize, rescale):
