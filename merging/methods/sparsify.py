@@ -57,8 +57,17 @@ class TaskVector:
             yield part, self.chunk(part)
 
 
-def kth_largest_magnitude(delta: TaskVector, k: int) -> float:
-    """The k-th largest |δ| (1 <= k <= numel), exactly.
+@dataclass(frozen=True)
+class OrderStatistic:
+    """The k-th largest |δ| and how many entries lie strictly above it and exactly at it."""
+
+    value: float
+    above: int
+    ties: int
+
+
+def kth_largest_magnitude(delta: TaskVector, k: int) -> OrderStatistic:
+    """The k-th largest |δ| (1 <= k <= numel), exactly, with the counts above and at it.
 
     A full sort (mergekit's ``argsort``) costs O(n log n) and dominates TIES on a CPU. Instead a
     fixed, evenly strided sample brackets the target quantile; one chunked pass counts the
@@ -81,40 +90,79 @@ def kth_largest_magnitude(delta: TaskVector, k: int) -> float:
         band = torch.cat(band)
         rank = k - above  # the target's rank inside the band, counted from the top
         if 0 < rank <= band.numel():
-            return torch.kthvalue(band, band.numel() - rank + 1).values.item()
-    magnitude = torch.cat([chunk.abs_() for _, chunk in delta.chunks()])
-    return torch.kthvalue(magnitude, n - k + 1).values.item()
+            return _statistic(band, band.numel() - rank + 1, above)
+    return _statistic(torch.cat([chunk.abs_() for _, chunk in delta.chunks()]), n - k + 1, 0)
+
+
+def _statistic(values: torch.Tensor, position: int, above_values: int) -> OrderStatistic:
+    value = torch.kthvalue(values, position).values
+    return OrderStatistic(
+        value.item(),
+        above_values + int(torch.count_nonzero(values > value)),
+        int(torch.count_nonzero(values == value)),
+    )
+
+
+def top_k_keep(delta: TaskVector, k: int) -> Keep:
+    """Keep exactly the k entries of largest |δ|; among equal magnitudes the earlier ones win.
+
+    mergekit picks the k with ``argsort``, which breaks ties arbitrarily; breaking them by
+    position keeps the count exact (bf16 deltas take few distinct values, so ties at the
+    threshold are common) and makes the top k nested in the top k+1.
+    """
+    if k <= 0:
+        return lambda part, chunk: torch.zeros_like(chunk, dtype=torch.bool)
+    if k >= delta.numel:
+        return lambda part, chunk: torch.ones_like(chunk, dtype=torch.bool)
+    stat = kth_largest_magnitude(delta, k)
+    threshold, needed = stat.value, k - stat.above  # 1 <= needed <= stat.ties
+    if needed == stat.ties:
+        return lambda part, chunk: chunk.abs() >= threshold
+    cutoff = _tie_cutoff(delta, threshold, needed)
+
+    def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
+        magnitude = chunk.abs()
+        if part.stop <= cutoff:
+            return magnitude >= threshold
+        if part.start >= cutoff:
+            return magnitude > threshold
+        index = torch.arange(part.start, part.stop, device=chunk.device)
+        return (magnitude > threshold) | ((magnitude == threshold) & (index < cutoff))
+
+    return kept
+
+
+def _tie_cutoff(delta: TaskVector, threshold: float, needed: int) -> int:
+    """The flat index just after the ``needed``-th entry whose |δ| equals ``threshold``."""
+    seen = 0
+    for part, chunk in delta.chunks():
+        ties = (chunk.abs_() == threshold).nonzero().flatten()
+        if seen + ties.numel() >= needed:
+            return part.start + int(ties[needed - seen - 1]) + 1
+        seen += ties.numel()
+    return delta.numel  # unreachable: the statistic counted at least ``needed`` ties
 
 
 def magnitude_keep(delta: TaskVector, density: float) -> Keep:
-    """TIES "trim": keep the top ``density`` fraction of entries by |δ|.
-
-    k = max(1, int(density · numel)) as in mergekit. Entries tied with the k-th magnitude are
-    all kept (mergekit's argsort keeps an arbitrary subset of equal values).
-    """
-    threshold = kth_largest_magnitude(delta, max(1, int(density * delta.numel)))
-    return lambda part, chunk: chunk.abs() >= threshold
+    """TIES "trim": keep the top ``density`` fraction of entries by |δ|, k = max(1, int(density·n))."""
+    return top_k_keep(delta, max(1, int(density * delta.numel)))
 
 
 def outlier_keep(delta: TaskVector, density: float, gamma: float) -> Keep:
     """Model Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``.
 
     Counts follow mergekit: keep = int(density·n), and min(int(gamma·n), n − keep) outliers go
-    (fewer outliers are dropped when density + gamma > 1).
+    (fewer outliers are dropped when density + gamma > 1). The kept entries are the top
+    (outliers + keep) minus the top (outliers).
     """
     n = delta.numel
     keep = int(density * n)
+    outliers = min(int(gamma * n), n - keep)
     if keep == 0:
-        return lambda part, chunk: torch.zeros_like(chunk, dtype=torch.bool)
-    top = min(int(gamma * n), n - keep)
-    upper = kth_largest_magnitude(delta, top + 1)
-    lower = kth_largest_magnitude(delta, top + keep)
-
-    def kept(part, chunk):
-        magnitude = chunk.abs()
-        return (magnitude >= lower) & (magnitude <= upper)
-
-    return kept
+        return top_k_keep(delta, 0)
+    kept_with_outliers = top_k_keep(delta, outliers + keep)
+    dropped_outliers = top_k_keep(delta, outliers)
+    return lambda part, chunk: kept_with_outliers(part, chunk) & ~dropped_outliers(part, chunk)
 
 
 def block_seed(seed: int, block: int) -> int:
