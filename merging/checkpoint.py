@@ -106,7 +106,8 @@ def read_safetensors_header(path: Path, label: str) -> list[_Entry]:
             continue
         if not isinstance(meta, dict):
             raise corrupt(f"tensor {name!r} has no description")
-        dtype = _FROM_SAFETENSORS.get(meta.get("dtype"))
+        raw_dtype = meta.get("dtype")
+        dtype = _FROM_SAFETENSORS.get(raw_dtype) if isinstance(raw_dtype, str) else None
         shape, offsets = meta.get("shape"), meta.get("data_offsets")
         if dtype is None:
             raise corrupt(f"tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
@@ -363,9 +364,14 @@ class StreamingWriter:
         return [self.folder / s.path for s in self._shards]
 
     def abort(self) -> None:
+        """Close the open shard after a failure; its folder is about to be deleted."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            try:
+                self._file.close()  # flushing may fail again (disk full): the first error matters
+            except OSError:
+                pass
+            finally:
+                self._file = None
 
 
 @contextmanager
@@ -391,6 +397,8 @@ def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> I
         raise CheckpointError(f"output path {out_dir} exists and is not a folder")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CheckpointError(f"cannot create output folder {out_dir}: a file is in the way on its path") from None
     except OSError as exc:
         raise CheckpointError(f"cannot create {out_dir.parent}: {exc.strerror or exc}") from None
     token = uuid.uuid4().hex[:8]

@@ -53,7 +53,7 @@ def cmd_merge(args) -> int:
     def progress(done: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc=f"{recipe.merge_method}", disable=args.quiet)
+            bar = tqdm(total=total, unit="tensor", desc=f"{recipe.merge_method}", disable=True if args.quiet else None)  # None: off when stderr is not a terminal
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.update(done - bar.n)
 

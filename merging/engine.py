@@ -312,28 +312,35 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
             if plan.merged:
                 per_model, params = resolve_parameters(recipe, plan)
                 result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name))
-                if not torch.isfinite(result).all():
-                    raise CheckpointError(_non_finite_message(plan.out.name, base, tensors, models))
-                del base, tensors
-                writer.write(plan.out.name, result.to(plan.out.dtype))
+                out = result.to(plan.out.dtype)
+                if not torch.isfinite(out).all():
+                    raise CheckpointError(_non_finite_message(plan.out, result, base, tensors, models))
+                del base, tensors, result
+                writer.write(plan.out.name, out)
             else:
                 writer.write(plan.out.name, copied.to(plan.out.dtype))
             if progress is not None:
                 progress(index + 1, len(plans), plan.out.name)
 
 
-def _non_finite_message(name: str, base, tensors, models: _Inputs) -> str:
-    """Name the source whose tensor holds NaN/Inf (non-finite inputs always reach the result)."""
+def _non_finite_message(out: TensorInfo, result, base, tensors, models: _Inputs) -> str:
+    """Say why a merged tensor is not finite: a damaged source (named), or overflow."""
     sources = ([(models.base.ref, base)] if base is not None else []) + [
         (m.ref, t) for m, t in zip(models.inputs, tensors)
     ]
     for ref, tensor in sources:
         if not torch.isfinite(tensor).all():
             return (
-                f"tensor {name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
+                f"tensor {out.name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
                 "(or overflowed in a lower precision): fix or re-export that model"
             )
+    if torch.isfinite(result).all():
+        dtype = str(out.dtype).removeprefix("torch.")
+        return (
+            f"merged tensor {out.name} does not fit in {dtype} (values up to {result.abs().max().item():.3g}); "
+            "lower lambda or the weights, or choose a wider dtype such as bfloat16 or float32"
+        )
     return (
-        f"merging tensor {name} overflowed to NaN or Inf although every source is finite; "
-        "check extreme weights or lambda in the recipe"
+        f"merging tensor {out.name} overflowed to NaN or Inf although every source is finite; "
+        "lower lambda or the weights in the recipe"
     )

@@ -15,6 +15,8 @@ import torch
 
 from merging.errors import RecipeError
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # merges compute in float32
+
 REQUIRED = object()
 """Sentinel default for a parameter the recipe must set."""
 
@@ -69,8 +71,8 @@ class Param:
             raise RecipeError(bad)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(bad)
-        if not math.isfinite(value):
-            raise RecipeError(bad)
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise RecipeError(bad + " (a finite number within float32's range)")
         if self.kind is int:
             if float(value) != int(value):
                 raise RecipeError(bad)
