@@ -293,6 +293,8 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
     readers = [(m.ref, models.reader(m)) for m in models.inputs]
     ref_reader = models.reader(models.reference)
 
+    # The reader thread only reads (no torch compute: a second thread of parallel torch ops
+    # would fight the main one for the cores).
     def load(plan: TensorPlan):
         name = plan.out.name
         if not plan.merged:
@@ -301,26 +303,41 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
         tensors = [reader.get(name).to(compute, non_blocking=True) for _, reader in readers]
         return None, base, tensors
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-reader") as pool:
-        pending = pool.submit(load, plans[0]) if plans else None
+    # One thread reads the next tensor's inputs and one writes the previous result while the
+    # current one is computed; at most one read and one write are in flight, so memory stays
+    # bounded by about three tensors per input.
+    with ThreadPoolExecutor(1, "merge-reader") as reads, ThreadPoolExecutor(1, "merge-writer") as writes:
+        pending = reads.submit(load, plans[0]) if plans else None
+        written = None
         for index, plan in enumerate(plans):
             if cancel is not None and cancel.is_set():
                 pending.cancel()
                 raise MergeCancelled("merge cancelled; nothing was written")
             copied, base, tensors = pending.result()
-            pending = pool.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
+            pending = reads.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
             if plan.merged:
                 per_model, params = resolve_parameters(recipe, plan)
                 result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name))
                 out = result.to(plan.out.dtype)
-                if not torch.isfinite(out).all():
+                if not _all_finite(out):  # NaN/Inf in any source always reaches the result
                     raise CheckpointError(_non_finite_message(plan.out, result, base, tensors, models))
                 del base, tensors, result
-                writer.write(plan.out.name, out)
             else:
-                writer.write(plan.out.name, copied.to(plan.out.dtype))
+                out = copied.to(plan.out.dtype)
+            if written is not None:
+                written.result()  # surfaces a write error, and keeps one write in flight
+            written = writes.submit(writer.write, plan.out.name, out)
             if progress is not None:
                 progress(index + 1, len(plans), plan.out.name)
+        if written is not None:
+            written.result()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf anywhere: a float32 sum is non-finite if any entry is (checked fully only then)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def _non_finite_message(out: TensorInfo, result, base, tensors, models: _Inputs) -> str:
@@ -329,12 +346,12 @@ def _non_finite_message(out: TensorInfo, result, base, tensors, models: _Inputs)
         (m.ref, t) for m, t in zip(models.inputs, tensors)
     ]
     for ref, tensor in sources:
-        if not torch.isfinite(tensor).all():
+        if not _all_finite(tensor):
             return (
                 f"tensor {out.name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
                 "(or overflowed in a lower precision): fix or re-export that model"
             )
-    if torch.isfinite(result).all():
+    if _all_finite(result):
         dtype = str(out.dtype).removeprefix("torch.")
         return (
             f"merged tensor {out.name} does not fit in {dtype} (values up to {result.abs().max().item():.3g}); "

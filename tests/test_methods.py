@@ -19,8 +19,10 @@ from merging.methods.sparsify import (
 
 
 def whole(keep, values):
-    """Apply a Keep to a whole flat tensor (one chunk)."""
-    return keep(slice(0, values.numel()), values)
+    """Apply a Keep to a whole flat tensor (one chunk); masks are float 0/1."""
+    mask = keep(slice(0, values.numel()), values)
+    assert mask.dtype == torch.float32 and set(mask.unique().tolist()) <= {0.0, 1.0}
+    return mask.bool()
 
 
 def run(name, base, tensors, per_model, **params):
@@ -113,10 +115,13 @@ def test_slerp_falls_back_to_lerp_for_nearly_collinear_tensors():
 def test_kth_largest_magnitude_is_exact(n):
     values = torch.randn(n)
     delta = TaskVector(values + 1.0, torch.ones(n))
-    ordered = values.abs().sort(descending=True).values
+    magnitude = ((values + 1.0) - 1.0).abs()  # exactly what the task vector holds
+    ordered = magnitude.sort(descending=True).values
     for k in (1, n // 3, n // 2 + 1, n):
         k = max(1, k)
-        assert kth_largest_magnitude(delta, k).value == pytest.approx(ordered[k - 1].item(), abs=1e-6)
+        stat = kth_largest_magnitude(delta, k)
+        assert stat.value == ordered[k - 1].item()
+        assert stat.above == int((magnitude > stat.value).sum())
 
 
 def test_kth_largest_magnitude_is_exact_with_heavy_ties():
@@ -164,7 +169,7 @@ def test_rescale_l1_restores_the_norm_and_density_divides():
     delta = TaskVector(values, torch.zeros_like(values))
     keep = random_keep(values.numel(), 0.4, seed=0)
     scale = rescale_factor(delta, keep, 0.4, "l1")
-    assert (values * whole(keep, values) * scale).abs().sum().item() == pytest.approx(values.abs().sum().item(), rel=1e-5)
+    assert (values * whole(keep, values).float() * scale).abs().sum().item() == pytest.approx(values.abs().sum().item(), rel=1e-5)
     assert rescale_factor(delta, keep, 0.4, "density") == pytest.approx(2.5)
     assert rescale_factor(delta, keep, 0.4, "none") == 1.0
 
