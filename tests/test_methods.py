@@ -207,3 +207,17 @@ def test_every_method_returns_the_source_for_a_single_identical_model():
         inputs = [x, x] if method.spec.min_models == 2 else [x]
         merged = run(name, x, inputs, [{} for _ in inputs])
         assert torch.allclose(merged, x, atol=1e-6), name
+
+
+def test_trim_keeps_exactly_k_when_ties_span_many_chunks():
+    """bf16-like deltas: few distinct magnitudes, so the k-th one is shared across chunks."""
+    values = torch.randint(-3, 4, (3 * BLOCK + 5,)).float()
+    delta = TaskVector(values, torch.zeros_like(values))
+    keep = magnitude_keep(delta, 0.37)
+    mask = torch.cat([keep(part, delta.chunk(part)) for part in [slice(s, min(values.numel(), s + BLOCK)) for s in range(0, values.numel(), BLOCK)]])
+    k = int(0.37 * values.numel())
+    assert int(mask.sum()) == k
+    order = torch.sort(values.abs(), descending=True, stable=True).indices[:k]  # earliest ties first
+    expected = torch.zeros_like(mask)
+    expected[order] = 1.0
+    assert torch.equal(mask, expected)

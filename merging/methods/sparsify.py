@@ -133,29 +133,36 @@ def top_k_keep(delta: TaskVector, k: int) -> Keep:
     threshold, needed = stat.value, k - stat.above  # 1 <= needed <= stat.ties
     if needed == stat.ties:
         return lambda part, chunk: torch.ge(chunk.abs(), threshold, out=torch.empty_like(chunk))
-    cutoff = _tie_cutoff(delta, threshold, needed)
+    return _TiesByPosition(threshold, needed)
 
-    def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
+
+class _TiesByPosition:
+    """Keep |δ| > threshold, plus the first ``needed`` entries with |δ| == threshold.
+
+    Chunks must be visited in order from the start (every pass does so); the count of ties
+    seen so far is carried from chunk to chunk and restarts with each pass.
+    """
+
+    def __init__(self, threshold: float, needed: int):
+        self.threshold, self.needed = threshold, needed
+        self.seen = self.next_start = 0
+
+    def __call__(self, part: slice, chunk: torch.Tensor) -> torch.Tensor:
+        if part.start == 0:
+            self.seen = self.next_start = 0
+        if part.start != self.next_start:
+            raise RuntimeError("chunks must be visited in order")
+        self.next_start = part.stop
         magnitude = chunk.abs()
-        if part.stop <= cutoff:
-            return torch.ge(magnitude, threshold, out=torch.empty_like(chunk))
-        if part.start >= cutoff:
-            return torch.gt(magnitude, threshold, out=torch.empty_like(chunk))
-        before = torch.arange(part.start, part.stop, device=chunk.device) < cutoff
-        return ((magnitude > threshold) | ((magnitude == threshold) & before)).float()
-
-    return kept
-
-
-def _tie_cutoff(delta: TaskVector, threshold: float, needed: int) -> int:
-    """The flat index just after the ``needed``-th entry whose |δ| equals ``threshold``."""
-    seen = 0
-    for part, chunk in delta.chunks():
-        ties = (chunk.abs_() == threshold).nonzero().flatten()
-        if seen + ties.numel() >= needed:
-            return part.start + int(ties[needed - seen - 1]) + 1
-        seen += ties.numel()
-    return delta.numel  # only with NaN in δ (comparisons fail); the NaN reaches the result and is reported
+        if self.seen >= self.needed:
+            return torch.gt(magnitude, self.threshold, out=torch.empty_like(chunk))
+        mask = torch.ge(magnitude, self.threshold, out=torch.empty_like(chunk))
+        ties = int(torch.eq(magnitude, self.threshold, out=torch.empty_like(chunk)).sum().item())
+        if self.seen + ties > self.needed:  # the last tie to keep is in this chunk
+            positions = (magnitude == self.threshold).nonzero().flatten()
+            mask[positions[self.needed - self.seen:]] = 0.0
+        self.seen += ties
+        return mask
 
 
 def magnitude_keep(delta: TaskVector, density: float) -> Keep:
