@@ -374,6 +374,15 @@ class StreamingWriter:
                 self._file = None
 
 
+def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an existing output folder (unless ``overwrite``) or a file in its place."""
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"output folder {out_dir} already exists; choose another or pass --overwrite to replace it")
+
+
 @contextmanager
 def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out_dir`` only if the block succeeds.
@@ -391,10 +400,7 @@ def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> I
                 f"output folder {out_dir} overlaps the source model folder {source}; "
                 "choose an output folder outside every source so no source is ever written"
             )
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"output folder {out_dir} already exists; choose another or pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"output path {out_dir} exists and is not a folder")
+    check_output_dir(out_dir, overwrite=overwrite)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:

@@ -1,9 +1,10 @@
 """The merge engine: resolve, check, plan, then stream every tensor through its method.
 
-Peak memory is about one tensor per input model (in float32 on the compute device) plus the
-method's scratch: inputs are memory-mapped, and the writer streams each result straight into
-its shard. The next tensor's inputs are read on a background thread while the current one is
-computed, so disk and compute overlap.
+Peak memory is about two tensors per input model in their stored dtype (the one being merged
+and the next, read on a background thread while the current one is computed) plus one float32
+result and a few MB of chunk scratch: methods widen inputs chunk by chunk, and the writer
+streams each result straight into its shard. Tensors are read with preadv, not memory-mapped,
+so pages of tensors already merged do not stay in the process's memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from merging.checkpoint import (
     StreamingWriter,
     TensorInfo,
     atomic_output,
+    check_output_dir,
     copy_support_files,
     parse_size,
 )
@@ -105,29 +107,37 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) -> _Inputs:
-    cache: dict[str, ResolvedModel] = {}
+    """Resolve every model of the recipe, checking configs before any weights are fetched.
 
-    def get(ref: str) -> ResolvedModel:
-        if ref not in cache:
-            cache[ref] = resolver(ref, policy)
-        return cache[ref]
-
-    base = get(recipe.base_model) if recipe.base_model else None
-    inputs = [get(entry.model) for entry in recipe.input_entries()]
-    reference = base or inputs[0]
-    if recipe.tokenizer_source in (None, "base"):
-        tokenizer = reference
-    else:
-        tokenizer = get(recipe.tokenizer_source)
-    models = _Inputs(reference, base, inputs, tokenizer)
+    A first round reads only config files (for Hub models, a few KB), so incompatible
+    architectures or vocabularies are reported before a long download; the second resolves
+    the weights.
+    """
+    models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
     check_configs(models)
+    models = _resolve_all(recipe, lambda ref: resolver(ref, policy))
     try:
-        for model in {m.ref: m for m in [reference, *inputs]}.values():
+        for model in {m.ref: m for m in [models.reference, *models.inputs]}.values():
             models.readers[model.ref] = CheckpointReader(model.folder, allow_pickle=policy.allow_pickle, label=model.ref)
     except BaseException:
         models.close()
         raise
     return models
+
+
+def _resolve_all(recipe: Recipe, resolve_one) -> _Inputs:
+    cache: dict[str, ResolvedModel] = {}
+
+    def get(ref: str) -> ResolvedModel:
+        if ref not in cache:
+            cache[ref] = resolve_one(ref)
+        return cache[ref]
+
+    base = get(recipe.base_model) if recipe.base_model else None
+    inputs = [get(entry.model) for entry in recipe.input_entries()]
+    reference = base or inputs[0]
+    tokenizer = reference if recipe.tokenizer_source in (None, "base") else get(recipe.tokenizer_source)
+    return _Inputs(reference, base, inputs, tokenizer)
 
 
 def check_configs(models: _Inputs) -> None:
@@ -253,6 +263,7 @@ def merge(
     compute = pick_device(device)
     max_shard = parse_size(shard_size)
     method = get_method(recipe.merge_method)
+    check_output_dir(Path(out_dir), overwrite=overwrite)  # before any download
     models = open_inputs(recipe, policy, resolver)
     try:
         plans = plan_tensors(recipe, models)

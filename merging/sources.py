@@ -22,6 +22,7 @@ from merging.errors import SourceError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "merges.txt", "vocab.txt", "*.jinja"]
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
+CONFIG_PATTERNS = ["*.json"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,21 @@ def resolve_model(
     ref: str,
     policy: SourcePolicy = SourcePolicy(),
     download: Callable[[str, str | None, list[str]], str] = snapshot_download,
+    *,
+    weights: bool = True,
 ) -> ResolvedModel:
-    """Turn a reference into a checked local folder, downloading from the Hub when needed."""
+    """Turn a reference into a checked local folder, downloading from the Hub when needed.
+
+    With ``weights=False`` only the JSON files (config, tokenizer config) of a Hub repo are
+    fetched, so recipes can be checked for compatibility before gigabytes are downloaded.
+    """
     local = Path(ref).expanduser()
     if _looks_local(ref) or local.exists():
         folder = _local_folder(ref, local, policy)
     else:
-        folder = _hub_folder(ref, policy, download)
-    return ResolvedModel(ref, folder, read_config(folder, ref, policy))
+        patterns = None if weights else CONFIG_PATTERNS
+        folder = _hub_folder(ref, policy, download, patterns)
+    return ResolvedModel(ref, folder, read_config(folder, ref, policy, weights=weights))
 
 
 def _looks_local(ref: str) -> bool:
@@ -96,9 +104,9 @@ def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
     return path
 
 
-def _hub_folder(ref: str, policy: SourcePolicy, download) -> Path:
+def _hub_folder(ref: str, policy: SourcePolicy, download, patterns: list[str] | None = None) -> Path:
     repo_id, revision = split_revision(ref)
-    patterns = HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
+    patterns = patterns or HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
     try:
         return Path(download(repo_id, revision, patterns))
     except Exception as exc:  # huggingface_hub raises many error types; all mean "cannot fetch"
@@ -109,8 +117,8 @@ def _hub_folder(ref: str, policy: SourcePolicy, download) -> Path:
         ) from None
 
 
-def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy()) -> dict:
-    """Read config.json and check the folder holds weights we are allowed to load."""
+def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *, weights: bool = True) -> dict:
+    """Read config.json and (with ``weights``) check the folder holds weights we may load."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SourceError(f"{ref!r} is not a model folder: it has no config.json")
@@ -120,7 +128,7 @@ def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy()) -
         raise SourceError(f"{ref!r}: config.json is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise SourceError(f"{ref!r}: config.json is not a JSON object")
-    if not safetensors_files(folder):
+    if weights and not safetensors_files(folder):
         if pickle_files(folder):
             if not policy.allow_pickle:
                 raise SourceError(pickle_refusal(repr(ref)))

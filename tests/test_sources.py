@@ -194,3 +194,40 @@ def test_hosted_still_downloads_hub_ids(hosted, llama, in_empty_dir):
     assert resolve_model("org/name@rev", policy, download=hub).folder == llama.finetuned[0]
     assert hub.calls[0][:2] == ("org/name", "rev")
     assert not matches(hub.calls[0][2], "pytorch_model.bin")
+
+
+def test_incompatible_hub_models_fail_before_any_weights_are_downloaded(llama, in_empty_dir, tmp_path):
+    """Configs are fetched first, so a mismatch is reported after kilobytes, not gigabytes."""
+    from merging.engine import merge
+    from merging.errors import CheckpointError
+    from merging.recipe import load_recipe
+
+    qwen = family("qwen2", 1)
+    folders = {"org/base": llama.base, "org/other": qwen.finetuned[0]}
+    calls = []
+
+    def download(repo_id, revision, allow_patterns):
+        calls.append((repo_id, list(allow_patterns)))
+        return str(folders[repo_id])
+
+    def resolver(ref, policy, weights=True):
+        return resolve_model(ref, policy, download=download, weights=weights)
+
+    recipe = load_recipe("merge_method: ties\nbase_model: org/base\nmodels: [org/other]\n")
+    with pytest.raises(CheckpointError, match="architectures differ"):
+        merge(recipe, tmp_path / "out", resolver=resolver)
+    assert calls and all(patterns == ["*.json"] for _, patterns in calls)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_before_any_download(llama, in_empty_dir, tmp_path):
+    from merging.engine import merge
+    from merging.errors import CheckpointError
+    from merging.recipe import load_recipe
+
+    hub = FakeHub(llama.base)
+    (tmp_path / "out").mkdir()
+    recipe = load_recipe("merge_method: ties\nbase_model: org/base\nmodels: [org/ft]\n")
+    with pytest.raises(CheckpointError, match="already exists"):
+        merge(recipe, tmp_path / "out", resolver=lambda ref, policy, **kw: resolve_model(ref, policy, download=hub, **kw))
+    assert hub.calls == []
