@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""Speed and memory benchmark: Merge Studio's ``python -m merging merge`` against mergekit.
+
+Builds (or reuses) a synthetic homologous family -- a base Llama plus 3 fine-tunes, by
+default ~163M parameters in bfloat16 -- writes one recipe per merge method that both tools
+read, runs each tool as a subprocess and records
+
+* wall-clock seconds from spawn to exit (interpreter start-up and imports included), and
+* peak RSS of the child's process tree, sampled every ~20 ms with psutil (sum of the RSS
+  of the process and all its descendants; the maximum over the run). The kernel's own
+  high-water mark for the child (``ru_maxrss`` from ``wait4``) goes into the JSON too.
+
+It prints a Markdown table and, with ``--json PATH``, writes the same data as JSON.
+A tool that fails is reported in its cells as ``error: <line of stderr>``; the
+benchmark carries on. Full logs are kept under ``WORKDIR/logs``.
+
+Examples::
+
+    python bench/merge_speed.py --size small            # smoke run, seconds
+    python bench/merge_speed.py --json results.json     # ~163M bf16 Llama, CPU
+    python bench/merge_speed.py --device cuda --methods ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from merging.synthetic import build_family  # noqa: E402
+
+METHODS = ("ties", "dare_ties", "linear")
+TOOLS = ("ours", "mergekit")
+
+#: Family shapes. "170m": Llama, hidden 768, 12 layers, MLP 3072, vocab 32000, untied
+#: embeddings -> 162.6M parameters (~325 MB per bf16 checkpoint).
+SIZES = {
+    "small": dict(arch="llama", hidden_size=64, num_layers=2, vocab_size=512,
+                  intermediate_size=192, tie_word_embeddings=False),
+    "170m": dict(arch="llama", hidden_size=768, num_layers=12, vocab_size=32000,
+                 intermediate_size=3072, tie_word_embeddings=False),
+}
+N_FINETUNED = 3
+POLL_S = 0.02
+GB = 1e9
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def write_recipe(path: Path, method: str, base: Path, finetuned: list[Path]) -> Path:
+    """Write the recipe YAML for ``method`` (shared by both tools) and return its path."""
+    lines = [f"merge_method: {method}"]
+    if method == "linear":
+        # No base model: a plain (normalised) weighted average of base + fine-tunes.
+        lines.append("models:")
+        for model in [base, *finetuned]:
+            lines += [f"  - model: {model}", "    parameters: {weight: 1.0}"]
+    elif method in ("ties", "dare_ties"):
+        lines.append(f"base_model: {base}")
+        lines.append("models:")
+        for model in finetuned:
+            lines += [f"  - model: {model}", "    parameters: {weight: 0.5, density: 0.5}"]
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    lines.append("dtype: bfloat16")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mergekit_executable() -> list[str]:
+    """The real ``mergekit-yaml`` console script (bypassing pyenv shims when possible)."""
+    beside = Path(sys.executable).parent / "mergekit-yaml"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "mergekit.scripts.run_yaml"]
+
+
+def tool_command(tool: str, recipe: Path, out: Path, device: str, extra: list[str]) -> list[str]:
+    """Command line for one merge run of ``tool``."""
+    if tool == "ours":
+        return [sys.executable, "-m", "merging", "merge", str(recipe), str(out),
+                "--overwrite", "--device", device, *extra]
+    if tool == "mergekit":
+        return [*mergekit_executable(), str(recipe), str(out),
+                *(["--cuda"] if device == "cuda" else []), *extra]
+    raise ValueError(tool)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Run:
+    """One measured subprocess run."""
+
+    tool: str
+    method: str
+    command: list[str]
+    returncode: int | None = None
+    wall_s: float | None = None
+    peak_rss_gb: float | None = None
+    kernel_maxrss_gb: float | None = None
+    cpu_s: float | None = None
+    loadavg_1m_at_start: float | None = None
+    samples: int = 0
+    timed_out: bool = False
+    error: str | None = None
+    stdout_log: str = ""
+    stderr_log: str = ""
+    output_files: list[str] = field(default_factory=list)
+    output_gb: float | None = None
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Sum of RSS bytes of ``proc`` and all its live descendants (0 for vanished ones)."""
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        procs = [proc]
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def error_line(stderr: str, limit: int = 160) -> str:
+    """The most telling stderr line: a traceback's exception line, else the last line saying
+    "error", else the first line; shortened to ``limit`` characters."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    if not lines:
+        return "no stderr output"
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        line = lines[-1]
+    else:
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        line = errors[-1] if errors else lines[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def measure(run: Run, cwd: Path, env: dict, log_dir: Path, timeout: float | None) -> Run:
+    """Run ``run.command``, filling in wall time, peak tree RSS and the error (if any)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_log = log_dir / f"{run.method}-{run.tool}.stdout.log"
+    err_log = log_dir / f"{run.method}-{run.tool}.stderr.log"
+    run.stdout_log, run.stderr_log = str(out_log), str(err_log)
+    run.loadavg_1m_at_start = os.getloadavg()[0]
+
+    with open(out_log, "wb") as fout, open(err_log, "wb") as ferr:
+        t0 = time.perf_counter()
+        try:
+            child = subprocess.Popen(run.command, cwd=cwd, env=env, stdout=fout, stderr=ferr,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            run.error = f"error: {exc}"
+            return run
+        done = threading.Event()
+        result: dict = {}
+
+        def reap() -> None:
+            # wait4 gives the exact end time and the kernel's rusage of this very child.
+            _, status, usage = os.wait4(child.pid, 0)
+            result.update(end=time.perf_counter(), status=status, usage=usage)
+            done.set()
+
+        waiter = threading.Thread(target=reap, daemon=True)
+        waiter.start()
+        try:
+            ps = psutil.Process(child.pid)
+        except psutil.NoSuchProcess:  # already gone (and reaped) before the first sample
+            ps = None
+        peak = samples = 0
+        while not done.is_set():
+            if ps is not None:
+                peak = max(peak, tree_rss(ps))
+            samples += 1
+            if timeout is not None and time.perf_counter() - t0 > timeout and not run.timed_out:
+                run.timed_out = True
+                try:  # the child leads its own session: kill just its process group
+                    os.killpg(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            done.wait(POLL_S)
+        waiter.join()
+        child.returncode = os.waitstatus_to_exitcode(result["status"])  # already reaped
+
+    run.returncode = child.returncode
+    run.wall_s = result["end"] - t0
+    run.peak_rss_gb = peak / GB
+    usage = result["usage"]
+    run.kernel_maxrss_gb = usage.ru_maxrss * 1024 / GB  # ru_maxrss is in KiB on Linux
+    run.cpu_s = usage.ru_utime + usage.ru_stime  # child + reaped descendants; robust to CPU contention
+    run.samples = samples
+    if run.timed_out:
+        run.error = f"error: timed out after {timeout:.0f} s"
+    elif run.returncode != 0:
+        run.error = "error: " + error_line(err_log.read_text(errors="replace"))
+    return run
+
+
+def describe_output(run: Run, out: Path) -> None:
+    """Record the files a run produced (names and total size)."""
+    if out.is_dir():
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        run.output_files = [str(p.relative_to(out)) for p in files]
+        run.output_gb = sum(p.stat().st_size for p in files) / GB
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info(device: str) -> dict:
+    """Machine description for the report."""
+    import torch
+
+    info = {
+        "cpu_count": os.cpu_count(),
+        "cpu_count_physical": psutil.cpu_count(logical=False),
+        "ram_gb": round(psutil.virtual_memory().total / GB, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": device,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["mergekit"] = version("mergekit")
+        info["transformers"] = version("transformers")
+    except Exception:  # pragma: no cover - informational only
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def summarise(runs: list[Run]) -> dict:
+    """Median wall time and max peak RSS over the successful runs, or the first error."""
+    ok = [r for r in runs if r.error is None]
+    if not ok:
+        return {"error": runs[0].error if runs else "error: not run"}
+    return {
+        "wall_s": statistics.median(r.wall_s for r in ok),
+        "peak_rss_gb": max(r.peak_rss_gb for r in ok),
+        "kernel_maxrss_gb": max(r.kernel_maxrss_gb for r in ok),
+        "cpu_s": statistics.median(r.cpu_s for r in ok),
+        "ok_runs": len(ok),
+        "runs": len(runs),
+        "error": None if len(ok) == len(runs) else next(r.error for r in runs if r.error),
+    }
+
+
+def ratio(num, den) -> float | None:
+    """num / den, or None when either is missing or den is 0."""
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def markdown_table(rows: list[dict], machine: dict, family: dict) -> str:
+    """The result table plus a line describing machine and family."""
+
+    def cell(summary: dict, key: str) -> str:
+        if summary.get(key) is None:
+            return (summary.get("error") or "n/a").replace("|", "\\|")  # keep the table intact
+        text = f"{summary[key]:.2f}"
+        if summary.get("ok_runs", 0) < summary.get("runs", 0):
+            text += f" ({summary['ok_runs']}/{summary['runs']} runs ok)"
+        return text
+
+    def rcell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
+
+    out = [
+        "| method | ours s | mergekit s | speed ratio (mergekit/ours) | ours peak RSS GB "
+        "| mergekit peak RSS GB | RSS ratio (ours/mergekit) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        o, m = row["ours"], row["mergekit"]
+        out.append(
+            f"| {row['method']} | {cell(o, 'wall_s')} | {cell(m, 'wall_s')} | {rcell(row['speed_ratio'])} "
+            f"| {cell(o, 'peak_rss_gb')} | {cell(m, 'peak_rss_gb')} | {rcell(row['rss_ratio'])} |"
+        )
+    cpu = []
+    for row in rows:
+        o, m = (row[t].get("cpu_s") for t in ("ours", "mergekit"))
+        cpu.append(f"{row['method']} {'n/a' if o is None else f'{o:.1f}'}/{'n/a' if m is None else f'{m:.1f}'}")
+    out.append("")
+    out.append("CPU seconds, user+sys (ours/mergekit): " + ", ".join(cpu) + ".")
+    gpu = f" ({machine['gpu']})" if machine.get("gpu") else ""
+    out.append("")
+    out.append(
+        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_count_physical']} physical), "
+        f"{machine['ram_gb']} GB RAM, torch {machine['torch']}, device {machine['device']}{gpu}, "
+        f"mergekit {machine.get('mergekit', '?')}, transformers {machine.get('transformers', '?')}, "
+        f"Python {machine['python']}."
+    )
+    out.append(
+        f"Family: {family['size']} {family['arch']} base + {family['n_finetuned']} fine-tunes, "
+        f"{family['params_m']:.1f}M parameters each, bfloat16. Peak RSS: max over ~{POLL_S * 1000:.0f} ms "
+        f"samples of the summed RSS of the tool's process tree; time: median of {family['repeats']} run(s). "
+        f"1-min load average before the first run: {family['loadavg_1m']:.2f}."
+    )
+    return "\n".join(out)
+
+
+def count_params(base: Path) -> int:
+    """Number of parameters stored in a safetensors checkpoint folder."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merge_studio_bench",
+                   help="where the family, recipes, outputs and logs go (default: %(default)s)")
+    p.add_argument("--size", choices=sorted(SIZES), default="170m")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of %s (default: all)" % ",".join(METHODS))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--repeats", type=int, default=1, help="measured runs per tool and method")
+    p.add_argument("--warmup", action="store_true",
+                   help="run each tool once (unmeasured) before measuring, to warm the page cache")
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of ours,mergekit")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
+    p.add_argument("--ours-args", default="", help="extra arguments for our CLI, shell-quoted; use the = form: --ours-args='--foo 1'")
+    p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, shell-quoted; use the = form: --mergekit-args=--lazy-unpickle")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {METHODS}")
+    args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if not args.tools or any(t not in TOOLS for t in args.tools):
+        p.error(f"--tools must be a subset of {TOOLS}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    shape = SIZES[args.size]
+
+    import torch
+
+    t0 = time.perf_counter()
+    family = build_family(workdir / f"family-{args.size}", n_finetuned=N_FINETUNED,
+                          dtype=torch.bfloat16, seed=0, **shape)
+    build_s = time.perf_counter() - t0
+    params = count_params(family.base)
+    print(f"family ready in {build_s:.1f} s: {family.base.parent} ({params / 1e6:.1f}M params)",
+          file=sys.stderr)
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    extra = {"ours": shlex.split(args.ours_args), "mergekit": shlex.split(args.mergekit_args)}
+    recipes = {m: write_recipe(workdir / "recipes" / f"{m}.yaml", m, family.base, family.finetuned)
+               for m in args.methods}
+    log_dir = workdir / "logs"
+    loadavg = os.getloadavg()[0]  # > 0.5 or so means something else is competing for the CPUs
+
+    def one(tool: str, method: str, tag: str = "") -> Run:
+        out = workdir / "out" / f"{method}-{tool}{tag}"
+        if out.exists():
+            shutil.rmtree(out)  # same starting point for both tools; deletion is not timed
+        cmd = tool_command(tool, recipes[method], out, args.device, extra[tool])
+        run = measure(Run(tool=tool, method=method, command=cmd), REPO_ROOT, env,
+                      log_dir if not tag else log_dir / "warmup", args.timeout)
+        describe_output(run, out)
+        status = run.error or f"{run.wall_s:.2f} s, peak RSS {run.peak_rss_gb:.2f} GB"
+        print(f"  {method:9s} {tool:8s}{tag}: {status}", file=sys.stderr)
+        return run
+
+    if args.warmup:
+        for tool in args.tools:
+            one(tool, args.methods[0], tag="-warmup")
+
+    all_runs: dict[tuple[str, str], list[Run]] = {}
+    for i, method in enumerate(args.methods):
+        for rep in range(args.repeats):
+            # Alternate which tool goes first, so neither always gets the warmer cache.
+            order = args.tools if (i + rep) % 2 == 0 else list(reversed(args.tools))
+            for tool in order:
+                all_runs.setdefault((method, tool), []).append(one(tool, method))
+
+    rows = []
+    for method in args.methods:
+        row = {"method": method}
+        for tool in TOOLS:
+            runs = all_runs.get((method, tool), [])
+            row[tool] = summarise(runs) if runs else {"error": "not run"}
+            row[tool + "_runs"] = [asdict(r) for r in runs]
+        o, m = row["ours"], row["mergekit"]
+        row["speed_ratio"] = ratio(m.get("wall_s"), o.get("wall_s"))
+        row["rss_ratio"] = ratio(o.get("peak_rss_gb"), m.get("peak_rss_gb"))
+        rows.append(row)
+
+    machine = machine_info(args.device)
+    fam_info = {"size": args.size, "arch": shape["arch"], "n_finetuned": N_FINETUNED,
+                "params_m": params / 1e6, "repeats": args.repeats, "shape": shape,
+                "base": str(family.base), "finetuned": [str(p) for p in family.finetuned],
+                "build_or_reuse_s": build_s, "loadavg_1m": loadavg}
+    table = markdown_table(rows, machine, fam_info)
+    print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": machine, "family": fam_info, "methods": args.methods,
+                   "tools": args.tools, "warmup": args.warmup, "results": rows,
+                   "recipes": {m: str(p) for m, p in recipes.items()}, "table_markdown": table}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
