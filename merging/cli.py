@@ -33,6 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    zoo = commands.add_parser("zoo", help="build the demo family (base + experts) in the user cache")
+    zoo.add_argument("--list", action="store_true",
+                     help="print the folders of the base and each expert (this is also what a plain run prints)")
+    zoo.add_argument("--train", action="store_true", help="retrain the experts' LoRA adapters first (minutes on a CPU)")
+    zoo.add_argument("--steps", type=int, default=120, help="training steps per expert with --train")
+
+    evaluate = commands.add_parser("eval", help="task accuracy and perplexity of a model folder")
+    evaluate.add_argument("model_dir", type=Path)
+    evaluate.add_argument("--suite", default="zoo", help="'zoo' (the demo tasks) or a JSONL file of {prompt, answer}")
+    evaluate.add_argument("--text", type=Path, default=None, help="a UTF-8 text file to measure perplexity on")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print {\"tasks\": {name: accuracy}, \"perplexity\": ...}")
+
     methods = commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
     methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
     return parser
@@ -72,6 +85,36 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_zoo(args) -> int:
+    from merging import zoo
+
+    def report(message: str) -> None:  # progress on stderr; stdout lists the folders
+        print(message, file=sys.stderr)
+
+    if args.train:
+        zoo.train_adapters(steps=args.steps, report=report)
+    family = zoo.ensure_family(report)
+    for name, folder in family.items():
+        print(f"{name}\t{folder}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from merging.evaluate import evaluate
+
+    if not args.model_dir.is_dir():
+        raise MergeStudioError(f"model folder {args.model_dir} not found")
+    result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    for name, accuracy in result.tasks.items():
+        print(f"{name}: {accuracy:.1%} exact match")
+    if result.perplexity is not None:
+        print(f"perplexity: {result.perplexity:.3f}")
+    return 0
+
+
 def methods_markdown() -> str:
     """The README's methods table, generated from the registered specs so docs never drift."""
     rows = ["| method | what it does | parameters (per model / global, default) |", "|---|---|---|"]
@@ -106,7 +149,7 @@ def cmd_methods(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": cmd_merge, "methods": cmd_methods}[args.command]
+    handler = {"merge": cmd_merge, "methods": cmd_methods, "zoo": cmd_zoo, "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except MergeStudioError as exc:

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Quality table: what each merge method keeps of the demo experts' skills.
+
+Builds (or reuses) the demo family, evaluates the base and each expert on the three held-out
+task suites, merges the three experts with every engine method at default and swept settings,
+and reports per-task exact-match accuracy and the average normalized accuracy (merged accuracy
+on a task divided by that task's expert's accuracy, as in the TIES paper). A DARE sweep drops
+90-99% of one expert's delta to show where the redundancy ends.
+
+    python bench/merge_quality.py                 # prints Markdown tables (~10 min on 2 CPU cores)
+    python bench/merge_quality.py --json out.json --readme   # also rewrite the README's table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from merging import zoo  # noqa: E402
+from merging.engine import merge  # noqa: E402
+from merging.evaluate import evaluate  # noqa: E402
+from merging.recipe import load_recipe  # noqa: E402
+
+# (label, method, per-model parameters, global parameters)
+MERGES = [
+    ("linear (simple average)", "linear", {"weight": 1.0}, {}),
+    ("task_arithmetic λ=0.3", "task_arithmetic", {"weight": 0.3}, {}),
+    ("task_arithmetic λ=0.5", "task_arithmetic", {"weight": 0.5}, {}),
+    ("task_arithmetic λ=1.0", "task_arithmetic", {"weight": 1.0}, {}),
+    ("ties density 0.2", "ties", {"weight": 1.0, "density": 0.2}, {}),
+    ("ties density 0.5", "ties", {"weight": 1.0, "density": 0.5}, {}),
+    ("ties density 0.2, normalize false, λ=0.5", "ties", {"weight": 1.0, "density": 0.2}, {"normalize": False, "lambda": 0.5}),
+    ("dare_linear density 0.1 (drop 90%), w=1", "dare_linear", {"weight": 1.0, "density": 0.1}, {}),
+    ("dare_linear density 0.3, w=0.5", "dare_linear", {"weight": 0.5, "density": 0.3}, {}),
+    ("dare_ties density 0.1, w=1", "dare_ties", {"weight": 1.0, "density": 0.1}, {}),
+    ("dare_ties density 0.3, w=1", "dare_ties", {"weight": 1.0, "density": 0.3}, {}),
+    ("breadcrumbs density 0.2, w=1", "breadcrumbs", {"weight": 1.0, "density": 0.2, "gamma": 0.01}, {}),
+]
+DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
+SWEEP_EXPERT = "geography"
+
+
+def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_params: dict, experts=zoo.EXPERTS) -> str:
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {family['base']}")
+    lines.append("models:")
+    for name in experts:
+        lines.append(f"  - model: {family[name]}")
+        lines.append(f"    parameters: {json.dumps(per_model)}")
+    if global_params:
+        lines.append(f"parameters: {json.dumps(global_params)}")
+    lines.append("dtype: float32")
+    return "\n".join(lines) + "\n"
+
+
+def merged_scores(recipe_text: str, workdir: Path) -> dict[str, float]:
+    out = workdir / "merged"
+    merge(load_recipe(recipe_text), out, overwrite=True, device="cpu")
+    return evaluate(out, suite="zoo", device="cpu").tasks
+
+
+def normalized(scores: dict[str, float], experts: dict[str, dict[str, float]]) -> float:
+    ratios = [scores[task] / experts[task][task] for task in zoo.EXPERTS if experts[task][task] > 0]
+    return sum(ratios) / len(ratios)
+
+
+def row(label: str, scores: dict[str, float], norm: float | None) -> str:
+    cells = " | ".join(f"{scores[t]:.0%}" for t in zoo.EXPERTS)
+    return f"| {label} | {cells} | {'' if norm is None else f'{norm:.0%}'} |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write all numbers as JSON here")
+    parser.add_argument("--readme", action="store_true", help="rewrite the table between the README's quality markers")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    family = zoo.ensure_family(lambda message: print(message, file=sys.stderr))
+    results: dict = {"base": evaluate(family["base"], device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
+    for name in zoo.EXPERTS:
+        results["experts"][name] = evaluate(family[name], device="cpu").tasks
+        print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="merge-quality-") as tmp:
+        workdir = Path(tmp)
+        for label, method, per_model, global_params in MERGES:
+            scores = merged_scores(recipe_for(method, family, per_model, global_params), workdir)
+            results["merges"][label] = {"scores": scores, "normalized": normalized(scores, results["experts"])}
+            print(f"{label}: {scores}", file=sys.stderr)
+        for rate in DROP_RATES:
+            text = recipe_for("dare_linear", family, {"weight": 1.0, "density": max(1e-6, 1.0 - rate)}, {}, experts=(SWEEP_EXPERT,))
+            results["dare_sweep"][rate] = merged_scores(text, workdir)[SWEEP_EXPERT]
+            print(f"DARE drop {rate:.0%}: {results['dare_sweep'][rate]:.0%}", file=sys.stderr)
+
+    header = "| model | " + " | ".join(zoo.EXPERTS) + " | avg. normalized |\n|---|" + "---|" * (len(zoo.EXPERTS) + 1)
+    lines = [header, row("base (SmolLM2-135M-Instruct)", results["base"], None)]
+    lines += [row(f"expert: {name}", results["experts"][name], None) for name in zoo.EXPERTS]
+    lines += [row(label, r["scores"], r["normalized"]) for label, r in results["merges"].items()]
+    table = "\n".join(lines)
+    expert_score = results["experts"][SWEEP_EXPERT][SWEEP_EXPERT]
+    sweep = "| drop rate | " + " | ".join(f"{r:.0%}" for r in DROP_RATES) + " |\n|---|" + "---|" * len(DROP_RATES) + "\n"
+    sweep += f"| {SWEEP_EXPERT} accuracy (expert: {expert_score:.0%}) | " + " | ".join(
+        f"{results['dare_sweep'][r]:.0%}" for r in DROP_RATES) + " |"
+    print(table + "\n\nDARE (dare_linear on one expert, rescaled by 1/density):\n\n" + sweep)
+    print(f"\n({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    if args.readme:
+        readme = REPO / "README.md"
+        text = readme.read_text(encoding="utf-8")
+        start, end = "<!-- quality-table -->", "<!-- /quality-table -->"
+        if start in text and end in text:
+            body = f"{start}\n{table}\n\nDARE sweep:\n\n{sweep}\n{end}"
+            text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+            readme.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Train one demo expert: a LoRA adapter that teaches the base model one task.
+
+Small, deterministic (fixed seed, fixed data order) and CPU-friendly: only the answer tokens
+are scored, the prompt is the model's own chat template. General prompts answered by the base
+itself are mixed in (self-distillation), so the expert keeps the base's chat behaviour.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merging.zoo.lora import add_lora, save_adapter
+from merging.zoo.tasks import REPLAY_PROMPTS, Task
+
+RANK, ALPHA = 8, 16
+BATCH = 8
+
+
+def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat with the answer, and labels that score only the answer (and its end)."""
+    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    full_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=True
+    )
+    prompt_ids, full_ids = list(_ids(prompt_ids)), list(_ids(full_ids))
+    assert full_ids[: len(prompt_ids)] == prompt_ids, "chat template does not extend the prompt"
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return full_ids, labels
+
+
+def _ids(encoded):
+    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+
+
+def batches(encoded: list[tuple[list[int], list[int]]], pad_id: int, steps: int, seed: int):
+    order = random.Random(seed)
+    pool: list[int] = []
+    for _ in range(steps):
+        if len(pool) < BATCH:
+            refill = list(range(len(encoded)))
+            order.shuffle(refill)
+            pool += refill
+        chosen, pool = pool[:BATCH], pool[BATCH:]
+        length = max(len(encoded[i][0]) for i in chosen)
+        ids = torch.full((BATCH, length), pad_id)
+        labels = torch.full((BATCH, length), -100)
+        mask = torch.zeros((BATCH, length), dtype=torch.long)
+        for row, i in enumerate(chosen):
+            x, y = encoded[i]
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+            mask[row, : len(x)] = 1
+        yield ids, labels, mask
+
+
+def train_expert(
+    base_dir: Path, task: Task, out_path: Path, *, steps: int = 120, lr: float = 1e-3, seed: int = 0,
+    report: Callable[[str], None] = print,
+) -> Path:
+    """Train ``task``'s adapter on the base and save it to ``out_path``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merging.evaluate import generate_answers
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    report(f"{task.name}: recording the base model's answers to {len(REPLAY_PROMPTS)} general prompts")
+    replay = list(zip(REPLAY_PROMPTS, generate_answers(model, tokenizer, list(REPLAY_PROMPTS), max_new_tokens=48)))
+    wrapped = add_lora(model, RANK, ALPHA, seed)
+    trainable = [p for lora in wrapped.values() for p in (lora.lora_A, lora.lora_B)]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    encoded = [encode(tokenizer, ex.prompt, ex.answer) for ex in task.train_examples()]
+    encoded += [encode(tokenizer, prompt, answer.strip()) for prompt, answer in replay]
+    model.train()
+    started = time.perf_counter()
+    for step, (ids, labels, mask) in enumerate(batches(encoded, tokenizer.pad_token_id or 0, steps, seed), 1):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 10 == 0 or step == steps:
+            report(f"{task.name}: step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    save_adapter(out_path, wrapped, RANK, ALPHA, {"task": task.name, "steps": str(steps), "lr": str(lr), "seed": str(seed)})
+    return out_path

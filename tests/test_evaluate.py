@@ -1,0 +1,63 @@
+"""Evaluation on tiny real models: suites, exact match, perplexity, the CLI's JSON."""
+
+import json
+import math
+
+import pytest
+
+from helpers import family, run_cli
+from merging.errors import MergeStudioError
+from merging.evaluate import evaluate, load_suite
+from merging.zoo.tasks import TASKS, normalize
+
+
+def test_the_zoo_suite_holds_out_one_phrasing_per_fact():
+    for task in TASKS.values():
+        trained = {ex.prompt for ex in task.train_examples()}
+        held_out = task.eval_examples()
+        assert len(held_out) == len(task.facts) >= 16
+        assert not trained & {ex.prompt for ex in held_out}
+
+
+def test_normalize_ignores_case_period_quotes_and_later_lines():
+    assert normalize("  Quillport.\nMore text") == normalize("quillport")
+    assert normalize('"The crown"') == "the crown"
+    assert normalize("") == ""
+
+
+def test_jsonl_suite_groups_by_task_and_names_bad_lines(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"prompt": "a?", "answer": "b"}\n\n{"prompt": "c?", "answer": "d", "task": "other"}\n')
+    suite = load_suite(path)
+    assert sorted(suite) == ["mine", "other"] and suite["mine"][0].answer == "b"
+    path.write_text('{"prompt": "a?"}\n')
+    with pytest.raises(MergeStudioError, match="line 1"):
+        load_suite(path)
+
+
+def test_random_model_scores_zero_and_has_vocabulary_sized_perplexity(tmp_path):
+    fam = family("llama", 1)
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in ("apple", "river", "stone")))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    report = evaluate(fam.base, suite=suite, text=text, device="cpu")
+    assert report.tasks == {"s": 0.0}
+    assert len(report.answers["s"]) == 3
+    # an untrained model is close to uniform over its 512-token vocabulary
+    assert 100 < report.perplexity < 2000 and math.isfinite(report.perplexity)
+
+
+def test_eval_cli_prints_the_json_summary(tmp_path):
+    fam = family("llama", 1)
+    suite = tmp_path / "s.jsonl"
+    suite.write_text(json.dumps({"prompt": "Say yes.", "answer": "yes"}) + "\n")
+    result = run_cli("eval", fam.base, "--suite", suite, "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"tasks": {"s": 0.0}, "perplexity": None}
+
+
+def test_eval_cli_missing_folder_is_one_line_error(tmp_path):
+    result = run_cli("eval", tmp_path / "nope")
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "not found" in result.stderr
