@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from merging.errors import MergeStudioError
 from merging.zoo.tasks import TASKS
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
@@ -69,7 +70,7 @@ def ensure_expert(name: str, report: Report = print) -> Path:
 
     adapter = adapter_path(name)
     if not adapter.is_file():
-        raise FileNotFoundError(f"no adapter for expert {name!r} at {adapter}; run `python -m merging zoo --train`")
+        raise MergeStudioError(f"no adapter for expert {name!r} at {adapter}; run `python -m merging zoo --train`")
     folder = expert_path(name)
     digest = _digest(adapter)
     if (folder / STAMP).is_file() and (folder / STAMP).read_text() == digest:

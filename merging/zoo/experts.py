@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from merging.errors import MergeStudioError
 from merging.checkpoint import CheckpointReader, StreamingWriter, atomic_output, copy_support_files
 from merging.zoo.lora import adapter_deltas
 
@@ -17,7 +18,7 @@ def build_expert(base: Path, adapter: Path, folder: Path, digest: str, stamp_nam
     try:
         missing = sorted(set(deltas) - set(reader.names()))
         if missing:
-            raise ValueError(f"adapter {adapter.name} targets {missing[0]}, which the base does not have")
+            raise MergeStudioError(f"adapter {adapter.name} targets {missing[0]}, which the base does not have")
         infos = [reader.info(name) for name in reader.names()]
         with atomic_output(folder, overwrite=True, protected=[base]) as temp:
             writer = StreamingWriter(temp, infos, max_shard_bytes=2 * 10**9)
