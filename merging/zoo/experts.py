@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from merging.checkpoint import (
+    CheckpointReader,
+    StreamingWriter,
+    atomic_output,
+    copy_support_files,
+)
 from merging.errors import MergeStudioError
-from merging.checkpoint import CheckpointReader, StreamingWriter, atomic_output, copy_support_files
 from merging.zoo.lora import adapter_deltas
 
 
