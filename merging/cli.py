@@ -70,14 +70,24 @@ def cmd_merge(args) -> int:
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.update(done - bar.n)
 
+    calibration_bars: dict[str, tqdm] = {}
+
+    def calibration_progress(ref: str, done: int, total: int) -> None:
+        if ref not in calibration_bars:
+            calibration_bars[ref] = tqdm(total=total, unit="example", desc=f"calibrating {ref[-40:]}",
+                                         disable=True if args.quiet else None)
+        calibration_bars[ref].update(done - calibration_bars[ref].n)
+
     try:
         result = merge(
             recipe, args.out_dir, device=args.device, overwrite=args.overwrite, shard_size=args.shard_size,
             policy=SourcePolicy(allow_pickle=args.allow_pickle), progress=progress,
+            calibration_progress=calibration_progress,
         )
     finally:
-        if bar is not None:
-            bar.close()
+        for open_bar in [*calibration_bars.values(), bar]:
+            if open_bar is not None:
+                open_bar.close()
     if args.json:
         print(json.dumps(result.summary()))
     else:
@@ -138,7 +148,8 @@ def cmd_methods(args) -> int:
         print(f"  paper: {spec.paper}")
         needs = "needs base_model" if spec.needs_base else "base_model optional"
         count = f"{spec.min_models}..{spec.max_models or 'n'} models"
-        print(f"  {needs}; {count}")
+        data = f"; each model needs 'calibration' text ({spec.calibration})" if spec.calibration else ""
+        print(f"  {needs}; {count}{data}")
         for param in spec.params:
             default = "required" if param.default is REQUIRED else f"default {param.default}"
             where = "per model" if param.scope == "model" else "global"

@@ -36,6 +36,7 @@ from merging.recipe import Recipe, resolve
 from merging.sources import ResolvedModel, SourcePolicy, resolve_model
 
 ProgressFn = Callable[[int, int, str], None]
+CalibrationProgressFn = Callable[[str, int, int], None]  # (model reference, examples done, total)
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -253,9 +254,12 @@ def merge(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     resolver=resolve_model,
+    calibration_progress: CalibrationProgressFn | None = None,
 ) -> MergeResult:
     """Merge the recipe's models into ``out_dir`` (a from_pretrained-loadable folder).
 
+    Data-aware methods (Fisher, RegMean) first run each model on its calibration text (one
+    model in memory at a time, results cached), then stream like every other method.
     Raises a MergeStudioError subclass with a user-facing message on any bad input, and
     MergeCancelled if ``cancel`` is set; in every failure no output folder is left behind.
     """
@@ -265,13 +269,15 @@ def merge(
     method = get_method(recipe.merge_method)
     check_output_dir(Path(out_dir), overwrite=overwrite)  # before any download
     models = open_inputs(recipe, policy, resolver)
+    stats = None
     try:
         plans = plan_tensors(recipe, models)
+        stats = calibrate_inputs(recipe, models, policy, device, calibration_progress, cancel)
         protected = [m.folder for m in [models.reference, models.tokenizer, *models.inputs]]
         with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
             writer = StreamingWriter(temp, [p.out for p in plans], max_shard)
             try:
-                _stream(recipe, method, models, plans, writer, compute, progress, cancel)
+                _stream(recipe, method, models, plans, writer, compute, progress, cancel, stats)
                 shards = writer.finish()
                 copy_support_files(models.reference.folder, models.tokenizer.folder, temp, recipe.output_dtype)
                 write_model_card(temp, recipe)
@@ -284,6 +290,8 @@ def merge(
                 writer.abort()
     finally:
         models.close()
+        for entry in stats or []:
+            entry.close()
     out = Path(out_dir).expanduser().absolute()
     return MergeResult(
         output=out,
@@ -297,10 +305,39 @@ def merge(
     )
 
 
-def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, cancel) -> None:
+def calibrate_inputs(recipe: Recipe, models: _Inputs, policy: SourcePolicy, device: str,
+                     progress: CalibrationProgressFn | None, cancel) -> list | None:
+    """Per input model, its cached calibration statistics (computed now if missing), or None
+    for methods that need no data."""
+    from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, load_examples
+
+    spec = recipe.method
+    if not spec.calibration:
+        return None
+    settings = CalibrationSettings(
+        samples=int(recipe.parameters.get("calibration_samples", spec.param("calibration_samples").default)),
+        max_length=int(recipe.parameters.get("calibration_max_length", spec.param("calibration_max_length").default)),
+    )
+    opened: list[CalibrationStats] = []
+    try:
+        for entry, model in zip(recipe.input_entries(), models.inputs):
+            examples = load_examples(entry.calibration, settings.samples, policy, f"calibration of {model.ref}")
+            report = (lambda done, total, ref=model.ref: progress(ref, done, total)) if progress else None
+            path = calibrate(spec.calibration, model.folder, examples, settings, device=device, progress=report, cancel=cancel)
+            opened.append(CalibrationStats(path))
+    except BaseException:
+        for entry in opened:
+            entry.close()
+        raise
+    return opened
+
+
+def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, cancel, stats=None) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
     # linear and slerp take the base as an ordinary input: it is read once, among the inputs
-    base_reader = models.reader(models.base) if models.base and not recipe.method.base_is_input else None
+    spec = recipe.method
+    reads_base = models.base and spec.uses_base and not spec.base_is_input
+    base_reader = models.reader(models.base) if reads_base else None
     readers = [(m.ref, models.reader(m)) for m in models.inputs]
     ref_reader = models.reader(models.reference)
 
@@ -312,7 +349,8 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
             return ref_reader.get(name), None, None
         base = base_reader.get(name).to(compute, non_blocking=True) if base_reader else None
         tensors = [reader.get(name).to(compute, non_blocking=True) for _, reader in readers]
-        return None, base, tensors
+        extra = [_tensor_stats(entry, name, compute) for entry in stats] if stats else None
+        return None, base, (tensors, extra)
 
     # A reader thread fetches the next tensor's inputs while the current one is computed: at
     # most two tensors per input are in memory. (A writer thread measured no faster: writing
@@ -323,20 +361,30 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
             if cancel is not None and cancel.is_set():
                 pending.cancel()
                 raise MergeCancelled("merge cancelled; nothing was written")
-            copied, base, tensors = pending.result()
+            copied, base, loaded = pending.result()
             pending = reads.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
             if plan.merged:
+                tensors, extra = loaded
                 per_model, params = resolve_parameters(recipe, plan)
-                result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name))
+                result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
                 out = result.to(plan.out.dtype)
                 if not _all_finite(out):  # NaN/Inf in any source always reaches the result
                     raise CheckpointError(_non_finite_message(plan.out, result, base, tensors, models))
-                del base, tensors, result
+                del base, tensors, extra, result
             else:
                 out = copied.to(plan.out.dtype)
             writer.write(plan.out.name, out)
             if progress is not None:
                 progress(index + 1, len(plans), plan.out.name)
+
+
+def _tensor_stats(entry, name: str, compute: torch.device):
+    """One model's statistics for one tensor, on the compute device (see merging.calibration)."""
+    if entry.kind == "fisher":
+        fisher = entry.fisher(name)
+        return (None if fisher is None else fisher.to(compute), entry.norm)
+    gram = entry.gram(name)
+    return None if gram is None else (gram[0].to(compute), gram[1])
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -58,9 +58,11 @@ def load_suite(spec: str | Path) -> dict[str, list[Example]]:
 def load_model(folder: Path, device: str = "auto"):
     """A model folder loaded for inference in float32 (never with remote code)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from merging.engine import pick_device
 
+    hf_logging.disable_progress_bar()  # a bar per load clutters the CLI's and the app's own progress
     target = pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

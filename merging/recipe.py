@@ -12,7 +12,9 @@ A parameter value may be a scalar, a list of scalars (a gradient over the layers
 takes the value at position i/(N-1) of the list, interpolated; tensors outside the layers take
 the first value), or a list of ``{filter, value}`` (the first filter that is a substring of the
 tensor name wins; no filter matches everything). These are mergekit's rules, so existing
-mergekit recipes for the supported methods run unchanged. Our extension: ``seed`` (random steps).
+mergekit recipes for the supported methods run unchanged. Our extensions: ``seed`` (random
+steps) and, per model, ``calibration`` (the text Fisher and RegMean run that model on: a text or
+JSONL file, a demo task name, or a list of texts).
 Unknown keys are errors that name the key (mergekit silently ignores them).
 """
 
@@ -49,6 +51,7 @@ NOT_YET = {
 class ModelEntry:
     model: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    calibration: str | list[str] | None = None  # data-aware methods: file, demo task name or texts
 
 
 @dataclass
@@ -76,10 +79,13 @@ class Recipe:
         """The models that enter the method, in order, following mergekit.
 
         Task-vector methods: every listed model except the base (the base is the origin).
+        Data-aware methods (Fisher, RegMean): exactly the listed models.
         Methods that take the base as an ordinary input (linear, slerp): the listed models,
         plus the base at the end if it is not listed. For slerp the base comes first.
         """
         spec = self.method
+        if not spec.uses_base:  # Fisher, RegMean: the listed models; a base only supplies the config
+            return list(self.models)
         if not spec.base_is_input:
             return [m for m in self.models if m.model != self.base_model]
         entries = list(self.models)
@@ -94,7 +100,12 @@ class Recipe:
         if self.base_model:
             out["base_model"] = self.base_model
         out["models"] = [
-            {"model": m.model, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
+            {
+                "model": m.model,
+                **({"parameters": m.parameters} if m.parameters else {}),
+                **({"calibration": m.calibration} if m.calibration is not None else {}),
+            }
+            for m in self.models
         ]
         for key in ("parameters", "dtype", "out_dtype", "tokenizer_source"):
             value = getattr(self, key)
@@ -190,13 +201,29 @@ def _model_entries(value: Any, spec: MethodSpec) -> list[ModelEntry]:
             item = {"model": item}
         if not isinstance(item, dict) or "model" not in item:
             raise RecipeError(f"{where} must be a mapping with a 'model' key, not {item!r}")
-        extra = set(item) - {"model", "parameters"}
+        extra = set(item) - {"model", "parameters", "calibration"}
         if extra:
-            raise RecipeError(f"{where}: unknown key {sorted(extra)[0]!r}; a model entry has 'model' and 'parameters'")
+            raise RecipeError(
+                f"{where}: unknown key {sorted(extra)[0]!r}; a model entry has 'model', 'parameters' "
+                "and (for fisher and regmean) 'calibration'"
+            )
         ref = _model_ref(item["model"], f"{where}.model")
         params = _parameters(item.get("parameters"), spec, f"{where}.parameters ({ref})", per_model=True)
-        entries.append(ModelEntry(ref, params))
+        entries.append(ModelEntry(ref, params, _calibration(item.get("calibration"), f"{where}.calibration ({ref})")))
     return entries
+
+
+def _calibration(value: Any, where: str) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, list) and value and all(isinstance(x, str) and x.strip() for x in value):
+        return list(value)
+    raise RecipeError(
+        f"{where}: expected a text or JSONL file, a demo task name (geography, people, vocabulary) "
+        f"or a non-empty list of texts, not {value!r}"
+    )
 
 
 def _parameters(value: Any, spec: MethodSpec, where: str, *, per_model: bool) -> dict[str, Any]:
@@ -309,6 +336,14 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> None:
         if spec.name == "slerp":
             raise RecipeError("slerp interpolates between exactly two models: the base_model and one other model")
         raise RecipeError(f"{spec.name} takes at most {spec.max_models} models, got {count}")
+    if spec.calibration:
+        for entry in inputs:
+            if entry.calibration is None:
+                raise RecipeError(
+                    f"{spec.name} runs every model on calibration text, and {entry.model} has none: add "
+                    "'calibration: FILE' (text, one example per line, or JSONL with \"text\"), a demo task "
+                    "name such as 'geography', or a list of texts to its entry"
+                )
     for param in spec.params:
         if param.required:
             for entry in inputs if param.scope == "model" else [None]:

@@ -10,7 +10,9 @@ Families are read-only: tests that need to damage a model copy it first.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``merging`` is importable however pytest was started
     sys.path.insert(0, str(REPO))
+# Calibration statistics computed by tests go to a scratch cache, never the user's (set before
+# any CLI subprocess starts, so they inherit it too).
+os.environ.setdefault("MERGE_STUDIO_CALIBRATION_CACHE", tempfile.mkdtemp(prefix="merge-studio-calibration-"))
 
 SMALL = dict(hidden_size=64, vocab_size=512)
 

@@ -126,6 +126,10 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
+    # False when the base, if a recipe names one, only supplies the config (Fisher, RegMean).
+    uses_base: bool = True
+    # What the method needs each model run on its calibration text for: None, "fisher" or "gram".
+    calibration: str | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -138,12 +142,14 @@ class MethodSpec:
 
 
 MergeFn = Callable[..., torch.Tensor]
-"""``fn(base, tensors, per_model, params, seed) -> tensor``.
+"""``fn(base, tensors, per_model, params, seed) -> tensor`` (data-aware methods: ``..., seed, stats)``).
 
 base: the base tensor or None; tensors: the input models' tensors (same shape, in their
 stored dtype, on the compute device; methods widen them to float32 chunk by chunk); per_model: one dict of resolved per-model parameters each; params: resolved global
 parameters; seed: an integer derived from the recipe seed and the tensor name, for methods
-with random steps. Inputs are never modified; the result is float32.
+with random steps; stats (methods with ``calibration`` only): per model, that model's
+statistics for this tensor from ``merging.calibration``. Inputs are never modified; the result
+is float32.
 """
 
 
@@ -152,7 +158,9 @@ class MergeMethod:
     spec: MethodSpec
     fn: MergeFn = field(repr=False)
 
-    def __call__(self, base, tensors, per_model, params, seed: int = 0) -> torch.Tensor:
+    def __call__(self, base, tensors, per_model, params, seed: int = 0, stats=None) -> torch.Tensor:
+        if self.spec.calibration:
+            return self.fn(base, tensors, per_model, params, seed, stats)
         return self.fn(base, tensors, per_model, params, seed)
 
 

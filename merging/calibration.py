@@ -1,0 +1,417 @@
+"""Calibration: what the data-aware merge methods learn by running each model on a little text.
+
+- **Diagonal Fisher** (Fisher merging, Matena & Raffel 2022, https://arxiv.org/abs/2111.09832):
+  F = mean over examples of (∂ log p(x)/∂θ)², with log p(x) = Σₜ log p(xₜ | x<ₜ) over the
+  example's tokens (the empirical Fisher of the text itself). Each example gets its own
+  backward pass: the diagonal needs every example's gradient squared on its own. (MergeLM and
+  FusionBench square gradients summed over a batch, which adds cross-example terms.)
+- **RegMean Gram matrices** (Jin et al. 2023, https://arxiv.org/abs/2212.09849): for every
+  linear layer (``nn.Linear``, and GPT-2's ``Conv1D`` whose weight is stored (in, out)),
+  G = XᵀX / N over the N non-padding token positions of the layer's inputs. The mean (as the
+  paper's code keeps it) stops a model with more calibration text from dominating the merge.
+  Projections that read the same input tensor (q/k/v, gate/up) share one Gram: at 7B scale the
+  Grams would otherwise take ~27 GB per model.
+
+Results are cached as safetensors under ``<cache>/calibration/``, keyed by the model's weight
+files (path, size, modification time), the calibration examples and the settings; a cache file
+appears atomically, so an interrupted run never leaves a corrupt one. The merge then streams
+these statistics tensor by tensor beside the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from merging.checkpoint import safetensors_files
+from merging.errors import MergeCancelled, RecipeError, SourceError
+from merging.sources import SourcePolicy
+
+CACHE_VERSION = "1"  # bump when the statistics' definition changes
+TOKENS_PER_BATCH = 4096  # Gram batches: padded tokens per forward pass
+
+Message = dict  # {"role": ..., "content": ...}
+Example = Union[str, tuple[Message, ...]]  # plain text, or a chat rendered with the model's template
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    samples: int = 128
+    max_length: int = 256
+
+
+# -- calibration data -----------------------------------------------------------------------
+
+def load_examples(source, samples: int, policy: SourcePolicy = SourcePolicy(), where: str = "calibration") -> list[Example]:
+    """The first ``samples`` examples of a calibration source.
+
+    ``source`` is a list of strings (inline texts), the name of a demo-family task (its training
+    conversations; never the held-out prompts), or a file: ``.jsonl`` lines with ``text``, or
+    ``messages``, or ``prompt`` and ``answer``; any other file is UTF-8 text, one example per line.
+    """
+    from merging.zoo.tasks import TASKS
+
+    if isinstance(source, list):
+        examples: list[Example] = [s for s in source if isinstance(s, str) and s.strip()]
+    elif isinstance(source, str) and source in TASKS:
+        examples = [_chat(ex.prompt, ex.answer) for ex in TASKS[source].train_examples()]
+    elif isinstance(source, str):
+        examples = _read_file(Path(source).expanduser(), policy, where)
+    else:
+        raise RecipeError(f"{where}: expected a file, a demo task name or a list of texts, not {source!r}")
+    if not examples:
+        raise RecipeError(f"{where}: the calibration data {_short(source)} has no examples")
+    return examples[:samples]
+
+
+def _chat(prompt: str, answer: str) -> tuple[Message, ...]:
+    return ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})
+
+
+def _short(source) -> str:
+    return f"{len(source)} inline texts" if isinstance(source, list) else repr(source)
+
+
+def _read_file(path: Path, policy: SourcePolicy, where: str) -> list[Example]:
+    if policy.hosted:
+        resolved = path.resolve()
+        roots = [root.resolve() for root in policy.allowed_roots]
+        if not any(root in resolved.parents for root in roots):
+            raise SourceError(f"{where}: reading files from the server is disabled on this hosted studio; upload the text instead")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(
+            f"{where}: calibration file {str(path)!r} not found (give a text or JSONL file, "
+            "a demo task name such as 'geography', or a list of texts)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{where}: cannot read calibration file {str(path)!r}: {exc}") from None
+    if path.suffix != ".jsonl":
+        return [line for line in text.splitlines() if line.strip()]
+    examples: list[Example] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            examples.append(_json_example(item))
+        except (ValueError, KeyError, TypeError):
+            raise RecipeError(
+                f"{where}: {path}, line {number}: expected a JSON object with \"text\", \"messages\", "
+                "or \"prompt\" and \"answer\""
+            ) from None
+    return examples
+
+
+def _json_example(item: dict) -> Example:
+    if "text" in item:
+        return str(item["text"])
+    if "messages" in item:
+        return tuple({"role": str(m["role"]), "content": str(m["content"])} for m in item["messages"])
+    return _chat(str(item["prompt"]), str(item["answer"]))
+
+
+def encode(tokenizer, example: Example, max_length: int) -> list[int]:
+    """Token ids of one example (chats through the model's own chat template), truncated."""
+    if isinstance(example, str):
+        ids = tokenizer(example, add_special_tokens=True)["input_ids"]
+    elif getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(example), tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:  # no template: plain "role: content" lines
+        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in example))["input_ids"]
+    return list(ids)[:max_length]
+
+
+def examples_digest(examples: list[Example]) -> str:
+    return hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """``$MERGE_STUDIO_CALIBRATION_CACHE``, else ``calibration/`` in the user cache."""
+    from merging.zoo import cache_root
+
+    return Path(os.environ.get("MERGE_STUDIO_CALIBRATION_CACHE") or cache_root() / "calibration").expanduser()
+
+
+def cache_key(kind: str, folder: Path, examples: list[Example], settings: CalibrationSettings) -> str:
+    """Identity of one model's statistics: its weight files, the examples and the settings."""
+    files = []
+    for path in safetensors_files(folder):
+        stat = path.stat()
+        files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    identity = {
+        "version": CACHE_VERSION, "kind": kind, "files": files, "examples": examples_digest(examples),
+        "samples": settings.samples, "max_length": settings.max_length,
+    }
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:32]
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, temp, metadata=metadata)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _cached(path: Path) -> bool:
+    """A cache file that opens; a damaged one is removed so it is recomputed."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.metadata()
+        return True
+    except Exception:
+        path.unlink(missing_ok=True)
+        return False
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+def _checkpoint_name(param_name: str, stored: set[str]) -> str | None:
+    """The stored tensor name of a loaded parameter (transformers may add or drop a prefix)."""
+    if param_name in stored:
+        return param_name
+    parts = param_name.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in stored:
+            return ".".join(parts[i:])
+    return next((name for name in stored if name.endswith("." + param_name)), None)
+
+
+def _stored_names(folder: Path) -> set[str]:
+    from merging.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(folder)
+    try:
+        return set(reader.names())
+    finally:
+        reader.close()
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise MergeCancelled("merge cancelled during calibration; nothing was written")
+
+
+def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
+                   progress: ProgressFn | None = None, cancel=None) -> tuple[dict[str, torch.Tensor], int]:
+    """Diagonal Fisher of every floating parameter (by loaded name), and the tokens scored.
+
+    F = (1/n) Σₑ (∇θ Σₜ log p(xₜ | x<ₜ))², one backward pass per example.
+    """
+    params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    for _, p in params:
+        p.requires_grad_(True)
+    fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
+    tokens = 0
+    model.eval()  # no dropout: the Fisher of the model as it is used
+    for index, example in enumerate(examples):
+        _check_cancel(cancel)
+        ids = torch.tensor([encode(tokenizer, example, max_length)], device=model.device)
+        if ids.shape[1] < 2:
+            continue
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        log_likelihood = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).sum()
+        grads = torch.autograd.grad(log_likelihood, [p for _, p in params], allow_unused=True)
+        for (name, _), grad in zip(params, grads):
+            if grad is not None:
+                fisher[name].addcmul_(grad.float(), grad.float())
+        tokens += ids.shape[1] - 1
+        if progress is not None:
+            progress(index + 1, len(examples))
+    for _, p in params:
+        p.requires_grad_(False)
+    for value in fisher.values():
+        value.div_(max(1, len(examples)))
+    return fisher, tokens
+
+
+def _linear_layers(model):
+    """(module name, module, stored transposed) for every linear layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            yield name, module, False
+        elif isinstance(module, Conv1D):  # y = x W + b with W stored (in, out)
+            yield name, module, True
+
+
+@torch.inference_mode()
+def compute_grams(model, tokenizer, examples: list[Example], max_length: int,
+                  progress: ProgressFn | None = None, cancel=None) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
+    """RegMean Grams: ({owner module: XᵀX/N}, {module: owner module}, N tokens).
+
+    Forward pre-hooks see each linear layer's input. On the first batch, a layer whose input is
+    the very tensor object its sibling (same parent module) just read shares that sibling's
+    Gram; only owners accumulate. Padding positions are left out.
+    """
+    layers = list(_linear_layers(model))
+    owner: dict[str, str] = {}
+    grams: dict[str, torch.Tensor] = {}
+    last_input: dict[str, tuple[torch.Tensor, str]] = {}
+    state = {"mask": None, "first": True}
+
+    def hook_for(name: str):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+
+        def hook(module, args):
+            x = args[0]
+            if state["first"]:
+                seen = last_input.get(parent)
+                if seen is not None and seen[0] is x:
+                    owner[name] = seen[1]
+                else:
+                    owner[name] = name
+                    last_input[parent] = (x, name)
+            if owner[name] != name:
+                return
+            rows = x.reshape(-1, x.shape[-1])
+            mask = state["mask"]
+            if mask is not None and mask.numel() == rows.shape[0]:
+                rows = rows[mask]
+            rows = rows.float()
+            if name not in grams:
+                grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+            grams[name].addmm_(rows.T, rows)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module, _ in layers]
+    tokens = 0
+    try:
+        encoded = [ids for ids in (encode(tokenizer, ex, max_length) for ex in examples) if ids]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        done = 0
+        for batch in _batches(encoded):
+            _check_cancel(cancel)
+            length = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), length), dtype=torch.long)
+            for row, ids in enumerate(batch):  # right padding: positions stay those of a lone example
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+            state["mask"] = attention.reshape(-1).bool().to(model.device)
+            model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device))
+            state["first"] = False
+            last_input.clear()
+            tokens += int(attention.sum())
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(encoded))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for gram in grams.values():
+        gram.div_(max(1, tokens))
+    return grams, owner, tokens
+
+
+def _batches(encoded: list[list[int]]):
+    """Batches of similar length (sorted), at most TOKENS_PER_BATCH padded tokens each."""
+    order = sorted(encoded, key=len)
+    batch: list[list[int]] = []
+    for ids in order:
+        if batch and (len(batch) + 1) * len(ids) > TOKENS_PER_BATCH:
+            yield batch
+            batch = []
+        batch.append(ids)
+    if batch:
+        yield batch
+
+
+# -- per model, cached -----------------------------------------------------------------------
+
+def calibrate(kind: str, folder: Path, examples: list[Example], settings: CalibrationSettings, *,
+              device: str = "auto", progress: ProgressFn | None = None, cancel=None) -> Path:
+    """Compute (or find in the cache) one model's statistics; returns the cache file.
+
+    ``kind`` is ``"fisher"`` or ``"gram"``. The file's tensors are keyed by stored tensor
+    name (Fisher) or ``gram.<owner module>`` (Grams, with a ``weights`` map in the metadata from
+    each weight's stored name to its Gram and whether it is stored transposed).
+    """
+    from merging.evaluate import load_model
+
+    path = cache_dir() / f"{kind}-{cache_key(kind, folder, examples, settings)}.safetensors"
+    if _cached(path):
+        return path
+    model, tokenizer = load_model(folder, device)
+    stored = _stored_names(folder)
+    try:
+        if kind == "fisher":
+            fisher, tokens = compute_fisher(model, tokenizer, examples, settings.max_length, progress, cancel)
+            tensors = {}
+            for name, value in fisher.items():
+                key = _checkpoint_name(name, stored)
+                if key is not None:
+                    tensors[key] = value
+            norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())).item()
+            metadata = {"kind": kind, "tokens": str(tokens), "examples": str(len(examples)), "norm": repr(norm)}
+        elif kind == "gram":
+            grams, owner, tokens = compute_grams(model, tokenizer, examples, settings.max_length, progress, cancel)
+            transposed = {name: t for name, _, t in _linear_layers(model)}
+            weights = {}
+            for name, owner_name in owner.items():
+                key = _checkpoint_name(f"{name}.weight", stored)
+                if key is not None:
+                    weights[key] = {"gram": f"gram.{owner_name}", "transposed": transposed[name]}
+            tensors = {f"gram.{name}": gram for name, gram in grams.items()}
+            metadata = {"kind": kind, "tokens": str(tokens), "examples": str(len(examples)), "weights": json.dumps(weights)}
+        else:
+            raise ValueError(f"unknown calibration kind {kind!r}")
+        _save_atomically(path, tensors, metadata)
+    finally:
+        del model
+    return path
+
+
+class CalibrationStats:
+    """Read one model's cached statistics tensor by tensor, beside the weights."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        meta = self._file.metadata() or {}
+        self.kind = meta.get("kind")
+        self.tokens = int(meta.get("tokens", 0))
+        self.norm = float(meta.get("norm", "nan"))
+        self._names = set(self._file.keys())
+        self._weights = json.loads(meta.get("weights", "{}"))
+        self._last_gram: tuple[str, torch.Tensor] | None = None  # q, k and v share one: read it once
+
+    def close(self) -> None:
+        self._file = None
+        self._last_gram = None
+
+    def fisher(self, name: str) -> torch.Tensor | None:
+        return self._file.get_tensor(name) if name in self._names else None
+
+    def gram(self, name: str) -> tuple[torch.Tensor, bool] | None:
+        """The Gram of the input of the linear layer whose weight is ``name``, and whether the
+        weight is stored (in, out); None for tensors that are not linear weights."""
+        entry = self._weights.get(name)
+        if entry is None:
+            return None
+        if self._last_gram is None or self._last_gram[0] != entry["gram"]:
+            self._last_gram = (entry["gram"], self._file.get_tensor(entry["gram"]))
+        return self._last_gram[1], bool(entry["transposed"])
