@@ -1,0 +1,150 @@
+"""``python -m viz report``: the sweep through the engine, the report folder, errors, and the page
+rendered in a real browser (headless Chromium)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, CliResult, error_line, load_model_tensors
+from merging.engine import merge
+from merging.recipe import load_recipe
+from test_viz_stats import viz_family
+from viz import cli
+from viz.measures import top_count
+from viz.sweep import sweep_recipe
+
+CHROMIUM = "/usr/bin/chromium"
+FIGURES = ["magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity", "sweep"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """One torch thread while these tests run: they are thousands of small tensor ops, and on a
+    CPU that other work keeps busy a second thread makes each of them wait (3-10x slower here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_viz(capsys, *args) -> CliResult:
+    """``python -m viz ARGS`` in this process (its imports are already loaded); see also the fresh run below."""
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return CliResult(code, out, err)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A full report (statistics and a two-point sweep on a JSONL suite and a text) of a tiny family."""
+    fam = viz_family()
+    root = tmp_path_factory.mktemp("viz-report")
+    suite = root / "suite.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in ("apple", "river")))
+    text = root / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
+    out = root / "report"
+    code = cli.main(["report", str(fam.base), *map(str, fam.finetuned), "--out", str(out), "--suite", str(suite),
+                     "--text", str(text), "--rates", "0.9", "--device", "cpu", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_report_folder_holds_the_page_and_the_numbers(report):
+    assert sorted(p.name for p in report.iterdir()) == ["report.html", "stats.json", "sweep.json"]
+    assert not [p for p in report.parent.iterdir() if p.name.startswith(".report.")]  # no partial folder left
+    stats = json.loads((report / "stats.json").read_text())
+    assert list(stats["models"]) == ["ft1", "ft2", "ft3"] and stats["density"] == 0.2
+    sweep = json.loads((report / "sweep.json").read_text())
+    assert [(p["method"], p["drop_rate"]) for p in sweep["points"]] == [
+        ("random", 0.0), ("magnitude", 0.0), ("random", 0.9), ("magnitude", 0.9)]
+    assert all(p["perplexity"] > 1 for p in sweep["points"]) and sweep["tasks"] == ["suite"]
+    page = (report / "report.html").read_text()
+    assert "<script src=" not in page and "Plotly.newPlot" in page  # plotly.js inlined: opens offline
+    for name in FIGURES:
+        assert f'id="figure-{name}"' in page
+    for heading in ("What it shows.", "How to read it.", "Where it breaks"):
+        assert heading in page
+
+
+def test_existing_output_and_bad_input_are_one_line_errors(report, capsys, tmp_path):
+    fam = viz_family()
+    models = [fam.base, fam.finetuned[0]]
+    message = error_line(run_viz(capsys, "report", *models, "--out", report, "--no-sweep"))
+    assert "not empty" in message and "--overwrite" in message
+    assert "density" in error_line(run_viz(capsys, "report", *models, "--out", tmp_path / "a", "--density", "1.5", "--no-sweep"))
+    assert "not found" in error_line(run_viz(capsys, "report", fam.base, tmp_path / "nope", "--out", tmp_path / "b", "--no-sweep"))
+    assert "not found" in error_line(run_viz(capsys, "report", *models, "--out", tmp_path / "c", "--suite", tmp_path / "x.jsonl"))
+    inside = error_line(run_viz(capsys, "report", *models, "--out", fam.base / "report", "--no-sweep"))
+    assert "overlaps the source model folder" in inside and not (fam.base / "report").exists()
+    for name in "abc":
+        assert not (tmp_path / name).exists()
+    # an existing empty folder is used; --overwrite replaces a report
+    (tmp_path / "empty").mkdir()
+    assert run_viz(capsys, "report", *models, "--out", tmp_path / "empty", "--no-sweep").returncode == 0
+    assert run_viz(capsys, "report", *models, "--out", tmp_path / "empty", "--no-sweep", "--overwrite", "--density", "0.5").returncode == 0
+    assert json.loads((tmp_path / "empty" / "stats.json").read_text())["density"] == 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_fresh_process_error_is_one_line(report):
+    fam = viz_family()
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "viz", "report", str(fam.base), str(fam.finetuned[0]), "--out", str(report)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert "is not empty" in error_line(CliResult(done.returncode, done.stdout, done.stderr))
+
+
+def test_sweep_merges_are_dare_and_pure_magnitude_trim(tmp_path):
+    """ties with one model and weight 1 is θ_base + δ trimmed to its top-density |δ| per tensor,
+    exactly; dare_linear keeps ~density of δ, rescaled by 1/density."""
+    fam = viz_family()
+    base = load_model_tensors(fam.base)
+    model = load_model_tensors(fam.finetuned[0])
+    for method in ("magnitude", "random"):
+        merge(load_recipe(sweep_recipe(str(fam.base), str(fam.finetuned[0]), method, 0.5)), tmp_path / method, device="cpu")
+    trimmed = load_model_tensors(tmp_path / "magnitude")
+    dropped = load_model_tensors(tmp_path / "random")
+    name = "model.layers.1.mlp.down_proj.weight"
+    delta = (model[name] - base[name]).reshape(-1)
+    keep = torch.zeros_like(delta)
+    keep[delta.abs().argsort(descending=True)[:top_count(0.5, delta.numel())]] = 1.0
+    assert torch.equal(trimmed[name].reshape(-1), base[name].reshape(-1) + delta * keep)
+    kept = (dropped[name] - base[name]).reshape(-1)
+    survivors = kept != 0
+    assert 0.48 < survivors.double().mean().item() < 0.52
+    torch.testing.assert_close(kept[survivors], 2 * delta[survivors], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")
+def test_report_renders_every_figure_in_headless_chromium(report, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto((report / "report.html").as_uri())
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {len(FIGURES)}", timeout=30_000)
+            rendered = page.eval_on_selector_all(".js-plotly-plot", """plots => plots.map(p => ({
+                id: p.id,
+                svgs: p.querySelectorAll('svg.main-svg').length,
+                marks: p.querySelectorAll('.scatterlayer .trace path, .heatmaplayer image, .hm image').length,
+                title: (p.querySelector('.gtitle') || {}).textContent || '',
+                width: p.getBoundingClientRect().width,
+            }))""")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert [r["id"] for r in rendered] == [f"figure-{name}" for name in FIGURES]
+    for plot in rendered:
+        assert plot["svgs"] >= 2 and plot["marks"] > 0 and plot["title"] and plot["width"] > 600, plot
+    assert (tmp_path / "report.png").stat().st_size > 50_000

@@ -1,0 +1,125 @@
+"""``python -m viz report BASE FT [FT ...] --out DIR``: the redundancy report of fine-tuned models.
+
+Errors print one line ``error: ...`` and exit 1 (``--debug`` shows the traceback instead),
+like ``python -m merging``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from merging.errors import MergeStudioError
+from viz.sweep import DROP_RATES
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of drop rates like 0,0.5,0.9") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m viz`` command line: one command, ``report``."""
+    parser = argparse.ArgumentParser(prog="python -m viz", description="Redundancy views of fine-tuned models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser(
+        "report", help="write report.html (self-contained) and stats.json for a base and fine-tuned models",
+        description="Statistics of the task vectors of FT models on BASE, the DARE sweep of the first FT, "
+                    "and a self-contained HTML report. Models are local folders or Hub ids (safetensors only).",
+    )
+    report.add_argument("base", help="base model: a local folder or a Hub id org/name[@revision]")
+    report.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned models of the same architecture")
+    report.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
+    report.add_argument("--suite", default="zoo", help="sweep task suite: 'zoo' (the demo tasks) or a JSONL file of {prompt, answer}")
+    report.add_argument("--text", type=Path, default=None, help="a UTF-8 text file: the sweep also measures perplexity on it")
+    report.add_argument("--density", type=float, default=0.2, help="TIES trim density for the sign conflicts after trimming (default 0.2)")
+    report.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the DARE drop-rate sweep on the first FT (minutes: one merge and evaluation per point)")
+    report.add_argument("--rates", type=_rates, default=DROP_RATES,
+                        help="sweep drop rates, default " + ",".join(f"{r:g}" for r in DROP_RATES))
+    report.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    report.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the whole run (default: 1 for the statistics pass, the fastest "
+                             "on a busy CPU, and torch's default for the sweep's merges and evaluations)")
+    report.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def cmd_report(args) -> int:
+    """Check inputs and the output folder first, then statistics, the sweep, and the report files."""
+    from tqdm import tqdm
+
+    from merging.evaluate import load_suite
+    from merging.sources import SourcePolicy, resolve_model
+    from viz.report import prepare_output, report_output, write_files
+    from viz.stats import delta_statistics
+    from viz.sweep import dare_sweep
+
+    prepare_output(args.out, args.overwrite)  # before minutes of work
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MergeStudioError("--threads must be a positive number")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    suite = args.suite if args.sweep else None
+    if args.sweep:
+        if args.suite != "zoo" and not Path(args.suite).is_file():
+            raise MergeStudioError(f"task suite {args.suite} not found; use 'zoo' or a JSONL file of {{\"prompt\", \"answer\"}} lines")
+        load_suite(args.suite)
+        if args.text is not None and not args.text.is_file():
+            raise MergeStudioError(f"text file {args.text} not found")
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(kind: str, unit: str):
+        def update(done: int, total: int, name: str) -> None:
+            if kind not in bars:
+                bars[kind] = tqdm(total=total, unit=unit, desc=kind, disable=True if args.quiet else None)
+            bars[kind].set_postfix_str(name[-40:], refresh=False)
+            bars[kind].update(done - bars[kind].n)
+        return update
+
+    policy = SourcePolicy()
+    # source folders from their configs alone (a few KB for Hub models), so a bad output folder
+    # fails before minutes of statistics and sweep
+    protected = [resolve_model(ref, policy, weights=False).folder for ref in [args.base, *args.finetuned]]
+    with report_output(args.out, overwrite=args.overwrite, protected=protected) as folder:
+        try:
+            stats = delta_statistics(args.base, args.finetuned, density=args.density, device=args.device,
+                                     progress=progress("statistics", "tensor"), policy=policy, threads=args.threads or 1)
+            sweep = None
+            if args.sweep:
+                sweep = dare_sweep(args.base, args.finetuned[0], rates=args.rates, suite=suite, text=args.text,
+                                   device=args.device, seed=args.seed, policy=policy, label=stats.labels[0],
+                                   progress=progress("DARE sweep", "model"))
+        finally:
+            for bar in bars.values():
+                bar.close()
+        write_files(folder, stats, sweep)
+    path = args.out.expanduser().absolute() / "report.html"
+    print(f"wrote {path} and {path.with_name('stats.json').name} ({stats.seconds:.1f} s of statistics)")
+    for line in sweep.summary() if sweep else []:
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (1 with one ``error: ...`` line on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return {"report": cmd_report}[args.command](args)
+    except MergeStudioError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no report was written", file=sys.stderr)
+        return 130
