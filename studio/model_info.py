@@ -1,0 +1,164 @@
+"""What the Models tab shows about a model, read without loading its weights.
+
+- Local folders (and Hub models already downloaded): tensor names, shapes and dtypes from the
+  safetensors headers (``merging.checkpoint.CheckpointReader``), sizes from the files.
+- Hub ids: ``config.json`` only (``merging.sources.resolve_model(weights=False)``, a few KB),
+  tensor shapes from the Hub's safetensors metadata (headers fetched by range requests),
+  file sizes from the repo listing. Nothing large is downloaded to inspect a model.
+- Memory: accelerate's estimate, as ``accelerate estimate-memory`` makes it: the model built
+  from its config on the meta device (no memory, no weights), measured per dtype.
+- Compatibility with the base: the checks the merge engine makes before merging
+  (architecture, vocabulary size, same tensor names and shapes), with the reason when not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from merging.checkpoint import CheckpointReader, safetensors_files
+from merging.engine import vocabulary_message
+from merging.errors import MergeStudioError, SourceError
+from merging.sources import HUB_ID, SourcePolicy, resolve_model, snapshot_download, split_revision
+
+Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
+
+
+@dataclass
+class ModelInfo:
+    ref: str
+    architecture: str | None = None
+    parameters: int | None = None
+    dtypes: list[str] = field(default_factory=list)
+    disk_bytes: int | None = None
+    memory: dict[str, int] = field(default_factory=dict)  # "float32", "bfloat16", "largest layer" -> bytes
+    config: dict = field(default_factory=dict)
+    tensors: Tensors = field(default_factory=dict)
+    error: str | None = None  # why the model could not be inspected
+
+
+def describe(ref: str, policy: SourcePolicy = SourcePolicy(), download=snapshot_download) -> ModelInfo:
+    """Everything the Models tab shows about ``ref``; failures end up in ``error``, never raised."""
+    info = ModelInfo(ref)
+    try:
+        resolved = resolve_model(ref, policy, download, weights=False)
+        info.config = resolved.config
+        info.architecture = resolved.architecture
+        if safetensors_files(resolved.folder):
+            info.tensors, info.disk_bytes = _local_tensors(resolved.folder, ref, policy)
+        elif _is_hub_id(ref):
+            info.tensors, info.disk_bytes = _hub_tensors(ref)
+        else:
+            resolve_model(ref, policy, download)  # raises the engine's message (pickles only, no weights)
+        floating = [(shape, dtype) for shape, dtype in info.tensors.values() if dtype.startswith(("float", "bfloat"))]
+        info.parameters = sum(_numel(shape) for shape, _ in floating)
+        info.dtypes = sorted({dtype for _, dtype in floating})
+        info.memory = memory_estimate(json.dumps(info.config, sort_keys=True))
+    except MergeStudioError as exc:
+        info.error = str(exc)
+    return info
+
+
+def compatibility(base: ModelInfo, other: ModelInfo) -> tuple[bool, str]:
+    """(compatible, verdict) of ``other`` against ``base``, as the merge engine would judge it."""
+    if other.error:
+        return False, f"cannot inspect: {other.error}"
+    if base.error:
+        return False, "the base model cannot be inspected (see its row)"
+    if other.ref == base.ref:
+        return True, "this is the base model"
+    if other.architecture != base.architecture:
+        return False, (f"architectures differ: the base is {base.architecture}, this is {other.architecture}; "
+                       "only models of the same architecture can be merged")
+    ours, theirs = base.config.get("vocab_size"), other.config.get("vocab_size")
+    if ours is not None and theirs is not None and ours != theirs:
+        return False, vocabulary_message(base.ref, ours, other.ref, theirs)
+    stray = next((name for name in other.tensors if name not in base.tensors), None)
+    if stray:
+        return False, f"tensor {stray} is not in the base; the checkpoints do not have the same layout"
+    missing = next((name for name in base.tensors if name not in other.tensors), None)
+    if missing:
+        return False, f"tensor {missing} of the base is missing here; the checkpoints do not have the same layout"
+    for name, (shape, _dtype) in base.tensors.items():
+        if other.tensors[name][0] != shape:
+            return False, f"tensor {name} has shape {list(other.tensors[name][0])} here but {list(shape)} in the base"
+    note = "" if other.dtypes == base.dtypes else f" (stored as {', '.join(other.dtypes)}; merges compute in float32)"
+    return True, "compatible: same architecture, vocabulary and tensor shapes" + note
+
+
+def _is_hub_id(ref: str) -> bool:
+    name, _ = split_revision(ref)
+    return bool(HUB_ID.match(name)) and not Path(ref).expanduser().exists()
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _local_tensors(folder: Path, ref: str, policy: SourcePolicy) -> tuple[Tensors, int]:
+    reader = CheckpointReader(folder, allow_pickle=policy.allow_pickle, label=ref)
+    try:
+        tensors = {name: (tuple(reader.info(name).shape), str(reader.info(name).dtype).removeprefix("torch."))
+                   for name in reader.names()}
+    finally:
+        reader.close()
+    return tensors, sum(p.stat().st_size for p in safetensors_files(folder))
+
+
+_HUB_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
+    from huggingface_hub import get_safetensors_metadata
+
+    repo_id, revision = split_revision(ref)
+    try:
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as exc:  # huggingface_hub raises many types (not found, gated, no safetensors)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"cannot read the safetensors metadata of {ref!r} on the Hub ({reason})") from None
+    tensors = {}
+    for file in metadata.files_metadata.values():
+        for name, tensor in file.tensors.items():
+            tensors[name] = (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
+    try:
+        from studio.settings import hub_weights_bytes
+
+        size = hub_weights_bytes(repo_id, revision)
+    except MergeStudioError:
+        size = None
+    return tensors, size
+
+
+@functools.lru_cache(maxsize=64)
+def memory_estimate(config_json: str) -> dict[str, int]:
+    """accelerate's estimate of the weights' memory, per dtype, from the config alone.
+
+    The model is built on the meta device (``init_empty_weights``), so nothing is allocated;
+    cached per config, since the same models are inspected again and again.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    try:
+        config = AutoConfig.for_model(**data)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        model.tie_weights()
+    except Exception:  # an architecture transformers does not know: no estimate, not an error
+        return {}
+    _total, (largest, _names) = calculate_maximum_sizes(model)
+    return {
+        "float32": compute_module_sizes(model, dtype=torch.float32)[""],
+        "bfloat16": compute_module_sizes(model, dtype=torch.bfloat16)[""],
+        "largest layer": largest,
+    }

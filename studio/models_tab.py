@@ -1,0 +1,83 @@
+"""Models tab: choose the base and the fine-tuned sources; see what each is and whether it merges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio.common import UI, format_bytes, format_count, label_of, model_choices, session_hash, user_errors
+from studio.model_info import compatibility, describe
+from studio.settings import Settings
+
+COLUMNS = ["role", "model", "architecture", "parameters", "dtype", "size on disk",
+           "memory float32 / bfloat16 (largest layer)", "compatibility with the base"]
+
+
+@dataclass
+class ModelsTab:
+    base: gr.Dropdown
+    sources: gr.Dropdown
+    table: gr.Dataframe
+    verdict: gr.Markdown
+    inspect: object  # the event handler, also run when the page loads
+
+
+def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str | None) -> tuple[list[list], str]:
+    """The table rows and a one-line verdict for ``base`` and ``sources``."""
+    if not base:
+        raise gr.Error("choose a base model first")
+    policy, download = settings.policy(hash_), settings.download()
+    base_info = describe(base, policy, download)
+    rows, problems = [], []
+    for role, ref in [("base", base)] + [("source", s) for s in sources or []]:
+        info = base_info if role == "base" else describe(ref, policy, download)
+        ok, verdict = (not info.error, info.error or "base model") if role == "base" else compatibility(base_info, info)
+        if not ok:
+            problems.append(f"**{label_of(settings, ref)}**: {verdict}")
+        memory = info.memory
+        rows.append([
+            role, label_of(settings, ref), info.architecture or "?", format_count(info.parameters),
+            ", ".join(info.dtypes) or "?", format_bytes(info.disk_bytes),
+            (f"{format_bytes(memory['float32'])} / {format_bytes(memory['bfloat16'])} ({format_bytes(memory['largest layer'])})"
+             if memory else "?"),
+            ("✓ " if ok else "✗ ") + verdict,
+        ])
+    if not sources:
+        verdict = "Choose at least one fine-tuned source model to merge with the base."
+    elif problems:
+        verdict = "**Not everything can be merged:**\n\n" + "\n\n".join(f"- {p}" for p in problems)
+    else:
+        verdict = f"✓ All {len(sources)} source model(s) can be merged with the base."
+    return rows, verdict
+
+
+def build(settings: Settings) -> ModelsTab:
+    family = settings.family()
+    base_ref = family[settings.base_name()]
+    choices = model_choices(settings)
+    where = "a Hub id such as org/name" + ("" if settings.hosted else ", or a local model folder")
+    gr.Markdown(
+        "Pick the **base** model and the **fine-tuned** models to merge into it. The demo family is "
+        f"preselected; type {where} to add others. Models are inspected from their headers and "
+        "config (no weights are loaded)."
+    )
+    with gr.Row():
+        base = gr.Dropdown(choices, value=base_ref, label="Base model", allow_custom_value=True, scale=1,
+                           info="task vectors are measured from it")
+        sources = gr.Dropdown(choices, value=[ref for name, ref in family.items() if ref != base_ref], multiselect=True,
+                              allow_custom_value=True, label="Fine-tuned source models", scale=2,
+                              info=f"fine-tunes of the base: {where}")
+    inspect_button = gr.Button("Inspect models", variant="secondary")
+    verdict = gr.Markdown()
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, label="Models",
+                         column_widths=["6%", "12%", "12%", "7%", "7%", "8%", "16%", "32%"])
+
+    @user_errors
+    def inspect(base_value: str, source_values: list[str], request: gr.Request):
+        return inspect_rows(settings, base_value, source_values, session_hash(request))
+
+    for trigger in (inspect_button.click, base.change, sources.change):
+        trigger(inspect, [base, sources], [table, verdict], concurrency_id="inspect", concurrency_limit=4,
+                show_progress="minimal", **UI)
+    return ModelsTab(base, sources, table, verdict, inspect)

@@ -1,0 +1,236 @@
+"""The Merge tab's form state: a recipe as a plain dict (mergekit's YAML shape), edited one field at a time.
+
+The method's controls come from its ``MethodSpec`` (``merging.methods.REGISTRY``), so a newly
+registered method appears in the form without changes here. ``GUIDANCE`` and ``SUGGESTED`` add
+the papers' usual settings as text and starting values; a method missing from them simply
+gets its summary and the spec's defaults. Every function returns a new dict; validation is
+``merging.recipe.load_recipe``'s.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import yaml
+
+from merging.errors import MergeStudioError
+from merging.methods import REGISTRY, MethodSpec, Param
+from merging.recipe import Recipe, load_recipe
+
+DEFAULT_METHOD = "task_arithmetic"
+HIDDEN = {"int8_mask"}  # accepted for mergekit compatibility but changes nothing: no control for it
+DTYPE_CHOICES = ("as base", "float32", "bfloat16", "float16")
+
+GUIDANCE = {
+    "linear": "Weights are relative (normalize divides by their sum). A base model that is not listed "
+              "under models is averaged in like the others, as in mergekit.",
+    "slerp": "Takes the base and exactly one other model. t = 0 gives the base, t = 1 the other model; "
+             "0.3–0.7 keeps a blend of both.",
+    "task_arithmetic": "Each model's weight scales its task vector: typically 0.3–0.5 per model (λ stays 1). "
+                       "Larger weights add more of each skill, and more interference between them.",
+    "ties": "Density 0.2–0.5 (the paper keeps the top 20%) with λ around 1 and normalize on. "
+            "Weights also take part in the sign election.",
+    "dare_ties": "Density 0.1–0.3 (drop 70–90%) suits ordinary fine-tunes; survivors are rescaled by "
+                 "1/density. Large deltas (continued pre-training) break DARE. Seeded: the same seed "
+                 "gives the same merge.",
+    "dare_linear": "Density 0.1–0.3 (drop 70–90%) suits ordinary fine-tunes; survivors are rescaled by "
+                   "1/density, then added like task arithmetic (weights 0.3–0.5 each). Seeded.",
+    "breadcrumbs": "Gamma drops the largest outliers (default 1% of each task vector), density sets how "
+                   "much of the rest is kept.",
+    "breadcrumbs_ties": "Breadcrumbs' outlier and small-value trim, then TIES's sign election.",
+    "fisher": "Each model runs once on its calibration text (a demo task name, or a text/JSONL file); "
+              "the statistics are cached, so repeating the merge is fast.",
+    "regmean": "Each model runs once on its calibration text. α (reduce_non_diagonal) in published "
+               "use: 0.1 (T5), 0.6 (GPT-2), 0.95 (CLIP); 1 is the exact least-squares merge.",
+}
+
+SUGGESTED = {  # starting values from GUIDANCE, applied when a method is chosen (the user can change them)
+    "task_arithmetic": {"weight": 0.4},
+    "dare_linear": {"weight": 0.4, "density": 0.3},
+    "ties": {"density": 0.3},
+    "dare_ties": {"density": 0.3},
+    "breadcrumbs": {"density": 0.9},
+    "breadcrumbs_ties": {"density": 0.9},
+}
+
+
+def spec_of(recipe: dict) -> MethodSpec:
+    return REGISTRY[recipe["merge_method"]].spec
+
+
+def method_choices() -> list[tuple[str, str]]:
+    return [(f"{m.spec.title} ({name})", name) for name, m in REGISTRY.items()]
+
+
+def guidance(method: str) -> str:
+    spec = REGISTRY[method].spec
+    text = f"**{spec.title}** ([paper]({spec.paper})): {spec.summary}"
+    if method in GUIDANCE:
+        text += f"\n\n*Typical settings:* {GUIDANCE[method]}"
+    return text
+
+
+def _entry(ref: str, spec: MethodSpec, calibration_tasks: tuple[str, ...], name: str | None) -> dict:
+    entry: dict = {"model": ref}
+    params = {k: v for k, v in SUGGESTED.get(spec.name, {}).items() if spec.param(k) and spec.param(k).scope == "model"}
+    if params:
+        entry["parameters"] = params
+    if spec.calibration and name in calibration_tasks:
+        entry["calibration"] = name
+    return entry
+
+
+def initial(base: str, sources: list[str], names: dict[str, str] | None = None,
+            calibration_tasks: tuple[str, ...] = (), method: str = DEFAULT_METHOD) -> dict:
+    """A recipe of ``method`` over ``base`` and ``sources`` with the suggested starting values.
+
+    ``names``: reference -> short name; a demo expert's name doubles as its calibration task.
+    """
+    spec = REGISTRY[method].spec
+    names = names or {}
+    recipe = {"merge_method": method, "base_model": base,
+              "models": [_entry(ref, spec, calibration_tasks, names.get(ref)) for ref in sources]}
+    globals_ = {k: v for k, v in SUGGESTED.get(method, {}).items() if spec.param(k) and spec.param(k).scope == "global"}
+    if globals_:
+        recipe["parameters"] = globals_
+    return recipe
+
+
+def with_models(recipe: dict, base: str | None, sources: list[str], names: dict[str, str] | None = None,
+                calibration_tasks: tuple[str, ...] = ()) -> dict:
+    """The recipe over a new base and sources; models kept keep their settings."""
+    spec = spec_of(recipe)
+    old = {m["model"]: m for m in recipe.get("models", [])}
+    out = copy.deepcopy(recipe)
+    if base:
+        out["base_model"] = base
+    else:
+        out.pop("base_model", None)
+    out["models"] = [copy.deepcopy(old[ref]) if ref in old else _entry(ref, spec, calibration_tasks, (names or {}).get(ref))
+                     for ref in sources if ref != base]
+    return out
+
+
+def with_method(recipe: dict, method: str, names: dict[str, str] | None = None,
+                calibration_tasks: tuple[str, ...] = ()) -> dict:
+    """The recipe switched to ``method``: settings the new method also has are kept, the others dropped."""
+    if method not in REGISTRY:
+        raise MergeStudioError(f"unknown merge method {method!r}; choose one from the list")
+    spec = REGISTRY[method].spec
+    names = names or {}
+    out = {k: copy.deepcopy(v) for k, v in recipe.items() if k not in ("parameters", "models", "seed")}
+    out["merge_method"] = method
+    suggested = SUGGESTED.get(method, {})
+    params = {k: v for k, v in recipe.get("parameters", {}).items() if spec.param(k)}
+    params.update({k: v for k, v in suggested.items() if spec.param(k) and spec.param(k).scope == "global" and k not in params})
+    if params:
+        out["parameters"] = params
+    models = []
+    for old in recipe.get("models", []):
+        entry = {"model": old["model"]}
+        kept = {k: v for k, v in old.get("parameters", {}).items() if spec.param(k) and spec.param(k).scope == "model"}
+        kept.update({k: v for k, v in suggested.items() if spec.param(k) and spec.param(k).scope == "model" and k not in kept})
+        if kept:
+            entry["parameters"] = kept
+        if spec.calibration:
+            calibration = old.get("calibration") or (names.get(old["model"]) if names.get(old["model"]) in calibration_tasks else None)
+            if calibration:
+                entry["calibration"] = calibration
+        models.append(entry)
+    out["models"] = models
+    if spec.randomized and recipe.get("seed"):
+        out["seed"] = recipe["seed"]
+    return out
+
+
+def set_param(recipe: dict, param: Param, value, index: int | None = None) -> dict:
+    """Set a global parameter (``index`` None) or model ``index``'s; None removes it (back to the default)."""
+    out = copy.deepcopy(recipe)
+    if index is None:
+        target = out.setdefault("parameters", {})
+    else:
+        target = out["models"][index].setdefault("parameters", {})
+    if value is None or value == "":
+        target.pop(param.name, None)
+    else:
+        target[param.name] = coerce(param, value)
+    if index is None and not target:
+        out.pop("parameters", None)
+    if index is not None and not target:
+        out["models"][index].pop("parameters", None)
+    return out
+
+
+def coerce(param: Param, value):
+    if param.kind is int:
+        return round(float(value))
+    if param.kind is float:
+        return round(float(value), 6)
+    return value
+
+
+def set_calibration(recipe: dict, index: int, value: str | None) -> dict:
+    out = copy.deepcopy(recipe)
+    if value and str(value).strip():
+        out["models"][index]["calibration"] = str(value).strip()
+    else:
+        out["models"][index].pop("calibration", None)
+    return out
+
+
+def set_option(recipe: dict, key: str, value) -> dict:
+    """``dtype`` ('as base' removes it) or ``seed`` (0 removes it)."""
+    out = copy.deepcopy(recipe)
+    if key == "dtype":
+        out.pop("out_dtype", None)
+        if value and value != "as base":
+            out["dtype"] = value
+        else:
+            out.pop("dtype", None)
+    elif key == "seed":
+        seed = int(value or 0)
+        if seed:
+            out["seed"] = seed
+        else:
+            out.pop("seed", None)
+    else:
+        raise ValueError(key)
+    return out
+
+
+def to_yaml(recipe: dict) -> str:
+    return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+
+
+def recipe_from_text(text: str) -> Recipe:
+    """A validated Recipe from YAML text, never from a file: ``load_recipe`` reads a one-line
+    string ending in .yaml as a path, which a hosted studio must not allow, so such a line is
+    parsed as YAML (and refused as not being a mapping)."""
+    if not isinstance(text, str) or not text.strip():
+        raise MergeStudioError("the recipe is empty; write or paste a YAML recipe, or pick models and a method")
+    return load_recipe(text if "\n" in text.strip() else text.strip() + "\n")
+
+
+def check(recipe: dict | str) -> str:
+    """'' when the recipe is valid, else the engine's message saying what to fix."""
+    try:
+        load_recipe(recipe) if isinstance(recipe, dict) else recipe_from_text(recipe)
+    except MergeStudioError as exc:
+        return str(exc)
+    return ""
+
+
+def parse(text: str) -> dict:
+    """A YAML recipe (typed, pasted or uploaded) as a validated dict; raises MergeStudioError."""
+    return recipe_from_text(text).to_dict()
+
+
+def current_value(recipe: dict, param: Param, index: int | None = None):
+    """What a control shows: the recipe's value, else (per model) the global one, else the default."""
+    scopes = [recipe.get("parameters", {})]
+    if index is not None:
+        scopes.insert(0, recipe["models"][index].get("parameters", {}))
+    for scope in scopes:
+        if param.name in scope:
+            return scope[param.name]
+    return None if param.required else param.default

@@ -1,0 +1,254 @@
+"""Studio settings (from the environment) and the small per-session helpers every tab shares.
+
+Settings are read once, by ``Settings.from_env``; nothing here holds per-user state. A user's
+files live in a session folder named after a digest of Gradio's session hash, so two users
+never share one and nobody can name another's.
+
+Environment variables (all optional):
+
+- ``MERGE_STUDIO_MODELS``: the models offered in the pickers. ``zoo`` (default) is the demo
+  family; otherwise a JSON object ``{"name": "folder or org/name", ...}`` or ``name=ref,name=ref``.
+  The entry named ``base`` (else the first) is the preselected base; the others are sources.
+- ``MERGE_STUDIO_HOSTED``: ``1`` or ``0`` forces hosted mode on or off; by default it is on
+  when ``SPACE_ID`` is set (a Hugging Face Space). Hosted: local paths are refused except the
+  offered models and the user's own session folder; Hub models are size-limited; the queue
+  is bounded; pushing to the Hub uses the visitor's OAuth login.
+- ``MERGE_STUDIO_WORK_DIR``: where session folders (merge outputs, uploads) go; default
+  ``<cache>/studio`` (``$MERGE_STUDIO_CACHE``, else ``~/.cache/merge-studio``).
+- ``MERGE_STUDIO_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda`` for merges, statistics,
+  evaluation and chat.
+- ``MERGE_STUDIO_MAX_MODEL_SIZE``: largest model (weights on disk, e.g. ``4GB``) a Hub
+  reference may have; default 4GB hosted, unlimited locally.
+- ``MERGE_STUDIO_HEAVY_CONCURRENCY``: merges, statistics, sweeps and evaluations running at
+  once, across all users (default 1); ``MERGE_STUDIO_CHAT_CONCURRENCY``: chat generations at
+  once (default 4); ``MERGE_STUDIO_QUEUE_SIZE``: waiting requests before new ones are refused
+  (default 64 hosted, unlimited locally); ``MERGE_STUDIO_SESSION_HOURS``: hosted session
+  folders older than this are deleted (default 24).
+- Read by the packages themselves: ``MERGE_STUDIO_CHAT_BUDGET`` (chat memory budget),
+  ``MERGE_STUDIO_VOTES`` (A/B votes file), ``MERGE_STUDIO_CACHE``, ``HF_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from collections.abc import Mapping
+
+from merging.checkpoint import parse_size
+from merging.errors import MergeStudioError, SourceError
+from merging.sources import SourcePolicy, snapshot_download
+
+DEFAULT_HOSTED_MAX_MODEL = "4GB"
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: dict[str, str] = field(default_factory=dict)  # name -> reference; empty: the demo family
+    base: str | None = None  # name of the preselected base
+    hosted: bool = False
+    work_dir: Path = field(default_factory=lambda: _default_work_dir())
+    device: str = "auto"
+    max_model_bytes: int | None = None
+    heavy_concurrency: int = 1
+    chat_concurrency: int = 4
+    queue_size: int | None = None
+    session_hours: float = 24.0
+    oauth: bool = False  # a LoginButton for pushing: on a Space only (elsewhere Gradio mocks it with this machine's login)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        hosted_flag = env.get("MERGE_STUDIO_HOSTED", "").strip().lower()
+        on_space = bool(env.get("SPACE_ID"))
+        oauth = on_space and env.get("SYSTEM") == "spaces"  # where Gradio's OAuth is real (its get_space())
+        hosted = hosted_flag in ("1", "true", "yes") if hosted_flag else on_space
+        models, base = parse_models(env.get("MERGE_STUDIO_MODELS", "zoo"))
+        max_size = env.get("MERGE_STUDIO_MAX_MODEL_SIZE") or (DEFAULT_HOSTED_MAX_MODEL if hosted else "")
+        return cls(
+            models=models,
+            base=base,
+            hosted=hosted,
+            work_dir=Path(env.get("MERGE_STUDIO_WORK_DIR") or _default_work_dir()).expanduser().absolute(),
+            device=env.get("MERGE_STUDIO_DEVICE", "auto"),
+            max_model_bytes=_size(max_size, "MERGE_STUDIO_MAX_MODEL_SIZE") if max_size else None,
+            heavy_concurrency=_count(env, "MERGE_STUDIO_HEAVY_CONCURRENCY", 1),
+            chat_concurrency=_count(env, "MERGE_STUDIO_CHAT_CONCURRENCY", 4),
+            queue_size=_count(env, "MERGE_STUDIO_QUEUE_SIZE", 64) if hosted or env.get("MERGE_STUDIO_QUEUE_SIZE") else None,
+            session_hours=float(env.get("MERGE_STUDIO_SESSION_HOURS") or 24),
+            oauth=oauth,
+        )
+
+    def with_models(self, models: Mapping[str, str | Path], base: str | None = None) -> Settings:
+        models = {name: str(ref) for name, ref in models.items()}
+        return replace(self, models=models, base=base or ("base" if "base" in models else next(iter(models))))
+
+    @property
+    def uses_zoo(self) -> bool:
+        return not self.models
+
+    def family(self) -> dict[str, str]:
+        """name -> reference of the offered models (the demo family's folders when it is used)."""
+        if self.models:
+            return dict(self.models)
+        from merging import zoo
+
+        return {"base": str(zoo.base_path()), **{name: str(zoo.expert_path(name)) for name in zoo.EXPERTS}}
+
+    def base_name(self) -> str:
+        family = self.family()
+        return self.base if self.base in family else ("base" if "base" in family else next(iter(family)))
+
+    def sessions_dir(self) -> Path:
+        return self.work_dir / "sessions"
+
+    def session_dir(self, session_hash: str | None) -> Path:
+        """This user's folder: named by a digest of the session hash (never the hash itself)."""
+        key = hashlib.sha256((session_hash or "anonymous").encode()).hexdigest()[:20]
+        return self.sessions_dir() / key
+
+    def local_roots(self, session_hash: str | None = None) -> tuple[Path, ...]:
+        """Local folders a reference may point into when hosted: the offered models (and a
+        session's own folder; all session folders when ``session_hash`` is None)."""
+        roots = [Path(ref).expanduser().resolve() for ref in self.family().values() if Path(ref).expanduser().exists()]
+        roots.append(self.session_dir(session_hash) if session_hash is not None else self.sessions_dir())
+        return tuple(roots)
+
+    def policy(self, session_hash: str | None = None) -> SourcePolicy:
+        return SourcePolicy(hosted=self.hosted, allowed_roots=self.local_roots(session_hash) if self.hosted else ())
+
+    def download(self):
+        """The Hub downloader the engine and the chat pool use: size-checked when there is a limit."""
+        if self.max_model_bytes is None:
+            return snapshot_download
+        return SizeLimitedDownload(self.max_model_bytes)
+
+    def resolver(self):
+        """A ``merge(resolver=...)`` that downloads through ``download()``."""
+        from merging.sources import resolve_model
+
+        download = self.download()
+
+        def resolve(ref: str, policy: SourcePolicy, *, weights: bool = True):
+            return resolve_model(ref, policy, download, weights=weights)
+
+        return resolve
+
+
+def _default_work_dir() -> Path:
+    from merging.zoo import cache_root
+
+    return cache_root() / "studio"
+
+
+def parse_models(text: str) -> tuple[dict[str, str], str | None]:
+    """``MERGE_STUDIO_MODELS``: '' or 'zoo' -> ({}, None); JSON object or 'name=ref,...' -> (models, base)."""
+    text = (text or "").strip()
+    if text in ("", "zoo"):
+        return {}, None
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise MergeStudioError(f"MERGE_STUDIO_MODELS is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            raise MergeStudioError('MERGE_STUDIO_MODELS must be a JSON object {"name": "folder or org/name", ...}')
+        models = dict(data)
+    else:
+        models = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            name, sep, ref = part.partition("=")
+            if not sep or not name.strip() or not ref.strip():
+                raise MergeStudioError(f"MERGE_STUDIO_MODELS entry {part!r} is not name=reference")
+            models[name.strip()] = ref.strip()
+    if len(models) < 2:
+        raise MergeStudioError("MERGE_STUDIO_MODELS needs a base and at least one fine-tuned model")
+    return models, "base" if "base" in models else next(iter(models))
+
+
+def _size(text: str, name: str) -> int:
+    try:
+        return parse_size(text)
+    except MergeStudioError:
+        raise MergeStudioError(f"{name}={text!r} is not a size like 4GB or 500MB") from None
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name)
+    if not text:
+        return default
+    if not text.strip().isdigit() or int(text) < 1:
+        raise MergeStudioError(f"{name}={text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+class SizeLimitedDownload:
+    """``snapshot_download`` that first asks the Hub how large the repo's weights are and refuses
+    repos above ``max_bytes`` (so a hosted studio never starts a 100 GB download)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def __call__(self, repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        if any(p.endswith((".safetensors", ".bin")) for p in allow_patterns):
+            size = hub_weights_bytes(repo_id, revision)
+            if size > self.max_bytes:
+                raise SourceError(
+                    f"{repo_id} has {size / 1e9:.1f} GB of weights; this studio accepts models up to "
+                    f"{self.max_bytes / 1e9:.1f} GB. Choose a smaller model, or run Merge Studio yourself"
+                )
+        return snapshot_download(repo_id, revision, allow_patterns)
+
+
+def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
+    """Bytes of the safetensors files of a Hub repo, from its file listing (nothing downloaded)."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:  # huggingface_hub raises many types; all mean "cannot ask the Hub"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"cannot look up {repo_id!r} on the Hugging Face Hub ({reason}); check the id") from None
+    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+
+
+def prune_sessions(settings: Settings, keep: Path | None = None) -> None:
+    """Hosted only: delete session folders untouched for ``session_hours`` (never ``keep``)."""
+    root = settings.sessions_dir()
+    if not settings.hosted or not root.is_dir():
+        return
+    cutoff = time.time() - settings.session_hours * 3600
+    for folder in root.iterdir():
+        try:
+            if folder != keep and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
+
+
+class StopSignal:
+    """A per-session Stop button's flag, kept in ``gr.State``.
+
+    Gradio deep-copies a State's initial value for each session; a copy is a fresh signal, so
+    every session gets its own ``threading.Event``. The running event and the Stop click see
+    the same object (State values are passed by reference).
+    """
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __deepcopy__(self, memo) -> StopSignal:
+        return StopSignal()
+
+    def fresh(self) -> threading.Event:
+        """Clear and return the event for a new run."""
+        self.event.clear()
+        return self.event
+
+
+__all__ = ["Settings", "SizeLimitedDownload", "StopSignal", "parse_models", "prune_sessions"]

@@ -1,0 +1,56 @@
+"""The studio's Blocks: the six tabs in the order a person works, and the scripting API."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from chat import ModelPool
+from studio import api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab
+from studio.common import UI
+from studio.settings import Settings
+
+CSS = """
+#merge-summary code { word-break: break-all; }
+.gradio-container { max-width: 1500px !important; }
+"""
+TABS = ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export")
+
+
+def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
+    """The studio for ``settings``; ``pool`` (default: a new one from the settings) serves every chat."""
+    pool = pool or ModelPool(None, settings.device, settings.policy(None), wait_s=30.0, download=settings.download())
+    delete_cache = (3600, int(settings.session_hours * 3600)) if settings.hosted else None
+    with gr.Blocks(title="Merge Studio", delete_cache=delete_cache) as demo:
+        gr.Markdown("# Merge Studio\nMerge fine-tuned language models at the parameter level, see why merging "
+                    "works, and chat with the result beside the models it came from."
+                    + ("\n\n*Hosted studio: Hub models only (up to a size limit) besides the demo family; "
+                       "merges are kept for this session.*" if settings.hosted else ""))
+        with gr.Tabs():
+            with gr.Tab("Models"):
+                models = models_tab.build(settings)
+            with gr.Tab("Merge"):
+                merged = merge_tab.build(settings, demo, models)
+            with gr.Tab("Redundancy"):
+                redundancy_tab.build(settings, models)
+            with gr.Tab("Chat"):
+                chat_tab.build(settings, pool, merged.results)
+            with gr.Tab("Evaluate"):
+                evaluate_tab.build(settings, merged.results)
+            with gr.Tab("Export"):
+                export_tab.build(settings, merged.results)
+        api.register(settings, pool)
+        demo.load(models.inspect, [models.base, models.sources], [models.table, models.verdict],
+                  concurrency_id="inspect", concurrency_limit=4, show_progress="minimal", **UI)
+    demo.queue(default_concurrency_limit=8, max_size=settings.queue_size)
+    return demo
+
+
+def launch_options(settings: Settings) -> dict:
+    """Keyword arguments of ``Blocks.launch`` (theme and css go there in Gradio 6)."""
+    return {
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        "max_file_size": "200mb" if settings.hosted else None,
+        "show_error": True,
+        "footer_links": ["api", "gradio"],
+    }

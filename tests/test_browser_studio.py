@@ -1,0 +1,105 @@
+"""The studio in a real browser: Debian's chromium driven by playwright, on a tiny model family.
+
+One walk through the product: the six tabs are there; on the Merge tab, choosing TIES rebuilds
+the controls from its spec (a density slider per model) and editing one updates the YAML; the
+merge runs from the Merge button; the result chats beside a source with both answers streaming;
+the Redundancy tab draws its Plotly figures. Screenshots go to the test's tmp folder
+(``MERGE_STUDIO_SCREENSHOTS`` keeps them elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from test_studio import launch, tiny, tiny_settings  # noqa: F401  (fixtures)
+
+CHROMIUM = "/usr/bin/chromium"
+TIMEOUT_MS = 90_000
+
+
+@pytest.fixture(scope="module")
+def page(tiny_settings, tmp_path_factory):  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MERGE_STUDIO_VOTES", str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
+    demo, url = launch(tiny_settings)
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.errors = errors
+        yield page
+        browser.close()
+    demo.close()
+    mp.undo()
+
+
+def shot(page, tmp_path, name: str) -> Path:
+    folder = Path(os.environ.get("MERGE_STUDIO_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
+def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
+    for name in ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export"):
+        page.get_by_role("tab", name=name).wait_for()
+    page.get_by_text("All 2 source model(s) can be merged with the base").wait_for()
+
+    # Merge: the controls follow the method's spec, and edits reach the YAML.
+    page.get_by_role("tab", name="Merge").click()
+    page.get_by_label("Merge method").click()
+    page.get_by_role("option", name="TIES (ties)").click()
+    density = page.get_by_label("number input for density")
+    density.first.wait_for()
+    assert density.count() == 2, "one density control per source model"
+    density.nth(1).fill("0.7")
+    density.nth(1).press("Enter")
+    yaml_view = page.locator(".cm-content")
+    page.wait_for_function("() => document.querySelector('.cm-content').innerText.includes('density: 0.7')")
+    assert "merge_method: ties" in yaml_view.inner_text()
+    page.get_by_role("button", name="Merge", exact=True).click()
+    summary = page.locator("#merge-summary")
+    summary.get_by_text("Merged").wait_for()
+    assert re.search(r"ties in [\d.]+ s", summary.inner_text())
+    shot(page, tmp_path, "merge")
+
+    # Chat: the merge is offered at once; both panels stream their answers.
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_label("Panel 2 model").click()
+    page.get_by_role("option", name=re.compile("^merged: ties-")).click()
+    page.get_by_placeholder("Type a message").fill("hello there")
+    page.get_by_role("button", name="Send").click()
+    page.get_by_text(re.compile(r"Done in [\d.]+ s")).wait_for()
+    assert page.get_by_test_id("bot").count() == 2
+    assert all(text.strip() for text in page.get_by_test_id("bot").all_inner_texts())
+    shot(page, tmp_path, "chat")
+    # Stop ends a long generation within a token or so, keeping what was written.
+    page.get_by_text("Sampling (shared by every panel)").click()
+    page.get_by_label("number input for max new tokens").fill("1024")
+    page.get_by_label("number input for max new tokens").press("Enter")
+    page.get_by_placeholder("Type a message").fill("tell me a long story")
+    page.get_by_role("button", name="Send").click()
+    page.get_by_text("Generating…").wait_for()
+    page.get_by_role("button", name="Stop", exact=True).click()
+    page.get_by_text(re.compile(r"Stopped in [\d.]+ s")).wait_for()
+    assert page.get_by_test_id("bot").count() == 4
+
+    # Redundancy: the viz figures render as Plotly plots.
+    page.get_by_role("tab", name="Redundancy").click()
+    page.get_by_role("button", name="Compute statistics").click()
+    page.locator(".js-plotly-plot").nth(4).wait_for()
+    assert page.locator(".js-plotly-plot").count() == 5
+    page.get_by_text("Measured 20 tensors of 2 model(s)").wait_for()
+    shot(page, tmp_path, "redundancy")
+    assert not page.errors, page.errors
