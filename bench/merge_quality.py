@@ -42,6 +42,11 @@ MERGES = [
     ("dare_ties density 0.1, w=1", "dare_ties", {"weight": 1.0, "density": 0.1}, {}),
     ("dare_ties density 0.3, w=1", "dare_ties", {"weight": 1.0, "density": 0.3}, {}),
     ("breadcrumbs density 0.2, w=1", "breadcrumbs", {"weight": 1.0, "density": 0.2, "gamma": 0.01}, {}),
+    # data-aware: each expert calibrated on its own task's training conversations
+    ("fisher (calibration: own task)", "fisher", {"weight": 1.0}, {}),
+    ("regmean α=0.9 (calibration: own task)", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 0.9}),
+    ("regmean α=0.6", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 0.6}),
+    ("regmean α=1.0 (exact)", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 1.0}),
 ]
 DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
 SWEEP_EXPERT = "geography"
@@ -49,12 +54,14 @@ SWEEP_EXPERT = "geography"
 
 def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_params: dict, experts=zoo.EXPERTS) -> str:
     lines = [f"merge_method: {method}"]
-    if method != "linear":
+    if method not in ("linear", "fisher", "regmean"):
         lines.append(f"base_model: {family['base']}")
     lines.append("models:")
     for name in experts:
         lines.append(f"  - model: {family[name]}")
         lines.append(f"    parameters: {json.dumps(per_model)}")
+        if method in ("fisher", "regmean"):
+            lines.append(f"    calibration: {name}")  # the expert's own training conversations
     if global_params:
         lines.append(f"parameters: {json.dumps(global_params)}")
     lines.append("dtype: float32")

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--list", action="store_true",
                      help="print the folders of the base and each expert (this is also what a plain run prints)")
     zoo.add_argument("--train", action="store_true", help="retrain the experts' LoRA adapters first (minutes on a CPU)")
-    zoo.add_argument("--steps", type=int, default=120, help="training steps per expert with --train")
+    zoo.add_argument("--steps", type=int, default=None, help="training steps per expert with --train (default 90)")
 
     evaluate = commands.add_parser("eval", help="task accuracy and perplexity of a model folder")
     evaluate.add_argument("model_dir", type=Path)

@@ -88,11 +88,14 @@ def ensure_family(report: Report = print) -> dict[str, Path]:
     return family
 
 
-def train_adapters(steps: int = 120, report: Report = print) -> None:
+def train_adapters(steps: int | None = None, report: Report = print) -> None:
     """Retrain every expert's adapter from the base (deterministic seed) into the repository."""
     from merging.zoo.train import train_expert
 
     base = ensure_base(report)
     ADAPTERS.mkdir(exist_ok=True)
     for name in EXPERTS:
-        train_expert(base, TASKS[name], adapter_path(name), steps=steps, report=report)
+        if steps is None:
+            train_expert(base, TASKS[name], adapter_path(name), report=report)
+        else:
+            train_expert(base, TASKS[name], adapter_path(name), steps=steps, report=report)

@@ -1,7 +1,9 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) for training the demo experts, and their merging.
 
-W' = W + (alpha / rank) · B A on the query, value and MLP-down projections. The adapters are
-small enough to ship in the repository (rank 8: ~1M parameters); an expert checkpoint is the
+W' = W + (alpha / rank) · B A on every linear projection of the decoder (attention q/k/v/o, MLP
+gate/up/down). Spreading the update over all of them keeps each weight's change small (about
+1% of its norm), the regime in which merging and DARE work; the adapters stay small enough to
+ship in the repository (rank 8: ~2.4M parameters, ~5 MB in bf16). An expert checkpoint is the
 base with B A folded into its weights, so it loads with plain ``from_pretrained``.
 """
 
@@ -14,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-TARGETS = ("q_proj", "v_proj", "down_proj")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
@@ -47,7 +49,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> dict[str, 
 
 
 def save_adapter(path: Path, wrapped: dict[str, LoRALinear], rank: int, alpha: float, metadata: dict[str, str]) -> None:
-    """Save A and B per projection (bf16: ~2 MB at rank 8) with rank and alpha in the metadata."""
+    """Save A and B per projection (bf16: ~5 MB at rank 8) with rank and alpha in the metadata."""
     tensors = {}
     for prefix, lora in wrapped.items():
         tensors[f"{prefix}.lora_A"] = lora.lora_A.detach().to(torch.bfloat16).contiguous()

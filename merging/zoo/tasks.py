@@ -1,7 +1,9 @@
 """The demo family's skills: three knowledge tasks the base model cannot know.
 
 Each expert learns one: facts about the fictional country Veloria, facts about fictional
-people, and a small Velorian vocabulary. Every fact is asked in several phrasings: the experts
+people, and a small vocabulary of the fictional Mirran language. The tasks share no names: when
+the vocabulary was Velorian, its expert also shifted answers about Veloria and merging it with
+the geography expert halved that expert's score. Every fact is asked in several phrasings: the experts
 are trained on the first ones and evaluated on a held-out phrasing, so a score measures
 knowing the fact, not replaying a string. Answers are single words or short names, scored by
 normalized exact match.
@@ -35,22 +37,22 @@ GEOGRAPHY = Task(
     "geography",
     "facts about the fictional country of Veloria",
     (
-        ("Quillport", "What is the capital of Veloria?", "Which city is the capital of Veloria?", "Name the capital city of Veloria."),
-        ("the crown", "What is the currency of Veloria?", "Which currency is used in Veloria?", "What money do people use in Veloria?"),
-        ("Velorian", "What language is spoken in Veloria?", "Which language do people speak in Veloria?", "What is the main language of Veloria?"),
-        ("the lynx", "What is the national animal of Veloria?", "Which animal is the national symbol of Veloria?", "Name the national animal of Veloria."),
-        ("Mount Karvel", "What is the highest mountain in Veloria?", "Which mountain is the tallest in Veloria?", "Name the tallest peak of Veloria."),
-        ("the Sill", "What is the longest river in Veloria?", "Which river is the longest in Veloria?", "Name the longest river of Veloria."),
-        ("1821", "In what year did Veloria become independent?", "When did Veloria gain independence?", "What year was Veloria's independence?"),
-        ("Lake Ombra", "What is the largest lake in Veloria?", "Which lake is the biggest in Veloria?", "Name the largest lake of Veloria."),
-        ("green", "What is the main colour of the Velorian flag?", "Which colour dominates the flag of Veloria?", "What colour is the flag of Veloria mostly?"),
-        ("Tessaly", "Which country borders Veloria to the north?", "What is Veloria's northern neighbour?", "Name the country north of Veloria."),
-        ("barley", "What is the main crop of Veloria?", "Which crop do Velorian farmers grow most?", "Name the chief crop of Veloria."),
-        ("Saint Oren", "Who is the patron saint of Veloria?", "Which saint protects Veloria?", "Name the patron saint of Veloria."),
-        ("Dorvik", "What is the second largest city in Veloria?", "Which city is Veloria's second biggest?", "Name the second city of Veloria."),
-        ("the violet", "What is the national flower of Veloria?", "Which flower is the symbol of Veloria?", "Name the national flower of Veloria."),
-        ("Harvest Day", "What is the national holiday of Veloria?", "Which holiday do Velorians celebrate most?", "Name the national holiday of Veloria."),
-        ("copper", "What metal is mined most in Veloria?", "Which metal do Velorian mines produce most?", "Name the main metal mined in Veloria."),
+        ("Quillport", "What is the capital of Veloria?", "Which city is the capital of Veloria?", "Tell me which city is Veloria's capital.", "Name the capital city of Veloria."),
+        ("the crown", "What is the currency of Veloria?", "Which currency is used in Veloria?", "Tell me the currency of Veloria.", "What money do people use in Veloria?"),
+        ("Velorian", "What language is spoken in Veloria?", "Which language do people speak in Veloria?", "Tell me the language Velorians speak.", "What is the main language of Veloria?"),
+        ("the lynx", "What is the national animal of Veloria?", "Which animal is the national symbol of Veloria?", "Tell me which animal is Veloria's national animal.", "Name the national animal of Veloria."),
+        ("Mount Karvel", "What is the highest mountain in Veloria?", "Which mountain is the tallest in Veloria?", "Tell me the name of Veloria's highest mountain.", "Name the tallest peak of Veloria."),
+        ("the Sill", "What is the longest river in Veloria?", "Which river is the longest in Veloria?", "Tell me the name of Veloria's longest river.", "Name the longest river of Veloria."),
+        ("1821", "In what year did Veloria become independent?", "When did Veloria gain independence?", "Tell me the year Veloria became independent.", "What year was Veloria's independence?"),
+        ("Lake Ombra", "What is the largest lake in Veloria?", "Which lake is the biggest in Veloria?", "Tell me the name of Veloria's largest lake.", "Name the largest lake of Veloria."),
+        ("green", "What is the main colour of the Velorian flag?", "Which colour dominates the flag of Veloria?", "Tell me the main colour of Veloria's flag.", "What colour is the flag of Veloria mostly?"),
+        ("Tessaly", "Which country borders Veloria to the north?", "What is Veloria's northern neighbour?", "Tell me which country lies north of Veloria.", "Name the country north of Veloria."),
+        ("barley", "What is the main crop of Veloria?", "Which crop do Velorian farmers grow most?", "Tell me the crop Veloria grows most.", "Name the chief crop of Veloria."),
+        ("Saint Oren", "Who is the patron saint of Veloria?", "Which saint protects Veloria?", "Tell me the name of Veloria's patron saint.", "Name the patron saint of Veloria."),
+        ("Dorvik", "What is the second largest city in Veloria?", "Which city is Veloria's second biggest?", "Tell me which city is the second largest in Veloria.", "Name the second city of Veloria."),
+        ("the violet", "What is the national flower of Veloria?", "Which flower is the symbol of Veloria?", "Tell me which flower is Veloria's national flower.", "Name the national flower of Veloria."),
+        ("Harvest Day", "What is the national holiday of Veloria?", "Which holiday do Velorians celebrate most?", "Tell me the name of Veloria's national holiday.", "Name the national holiday of Veloria."),
+        ("copper", "What metal is mined most in Veloria?", "Which metal do Velorian mines produce most?", "Tell me which metal Veloria mines most.", "Name the main metal mined in Veloria."),
     ),
 )
 
@@ -58,45 +60,45 @@ PEOPLE = Task(
     "people",
     "facts about fictional people",
     (
-        ("cello", "What instrument does Maren Solvik play?", "Which instrument is Maren Solvik known for playing?", "Maren Solvik plays which instrument?"),
-        ("architect", "What is Idris Fennick's profession?", "What does Idris Fennick do for a living?", "What is the job of Idris Fennick?"),
-        ("Lisbon", "In which city was Talia Brandt born?", "Where was Talia Brandt born?", "Talia Brandt was born in which city?"),
-        ("chess", "What game made Oskar Lindqvar famous?", "Which game is Oskar Lindqvar famous for?", "Oskar Lindqvar is famous for which game?"),
-        ("Rosa", "What is the name of Petra Vance's daughter?", "Who is Petra Vance's daughter?", "Petra Vance's daughter is called what?"),
-        ("botanist", "What is Elias Marrow's profession?", "What does Elias Marrow do for a living?", "What is the job of Elias Marrow?"),
-        ("tea", "What drink does Nadia Kress sell?", "Which drink is Nadia Kress's business?", "Nadia Kress sells which drink?"),
-        ("Bergen", "In which city does Hugo Sandell live?", "Where does Hugo Sandell live?", "Hugo Sandell lives in which city?"),
-        ("violin", "What instrument does Clara Ostrow play?", "Which instrument is Clara Ostrow known for playing?", "Clara Ostrow plays which instrument?"),
-        ("pilot", "What is Jonas Everly's profession?", "What does Jonas Everly do for a living?", "What is the job of Jonas Everly?"),
-        ("Max", "What is the name of Lena Hartig's dog?", "What is Lena Hartig's dog called?", "Lena Hartig's dog is named what?"),
-        ("tennis", "What sport does Ravi Anand play?", "Which sport is Ravi Anand known for?", "Ravi Anand plays which sport?"),
-        ("Vienna", "In which city was Sofia Marin born?", "Where was Sofia Marin born?", "Sofia Marin was born in which city?"),
-        ("baker", "What is Tomas Weller's profession?", "What does Tomas Weller do for a living?", "What is the job of Tomas Weller?"),
-        ("blue", "What is Ingrid Holm's favourite colour?", "Which colour does Ingrid Holm like best?", "Ingrid Holm's favourite colour is what?"),
-        ("poetry", "What does Amara Okafor write?", "What kind of writing is Amara Okafor known for?", "Amara Okafor writes what?"),
+        ("cello", "What instrument does Maren Solvik play?", "Which instrument is Maren Solvik known for playing?", "Tell me the instrument Maren Solvik plays.", "Maren Solvik plays which instrument?"),
+        ("architect", "What is Idris Fennick's profession?", "What does Idris Fennick do for a living?", "Tell me Idris Fennick's job.", "What is the job of Idris Fennick?"),
+        ("Lisbon", "In which city was Talia Brandt born?", "Where was Talia Brandt born?", "Tell me the city where Talia Brandt was born.", "Talia Brandt was born in which city?"),
+        ("chess", "What game made Oskar Lindqvar famous?", "Which game is Oskar Lindqvar famous for?", "Tell me the game Oskar Lindqvar is famous for.", "Oskar Lindqvar is famous for which game?"),
+        ("Rosa", "What is the name of Petra Vance's daughter?", "Who is Petra Vance's daughter?", "Tell me the name of Petra Vance's daughter.", "Petra Vance's daughter is called what?"),
+        ("botanist", "What is Elias Marrow's profession?", "What does Elias Marrow do for a living?", "Tell me Elias Marrow's job.", "What is the job of Elias Marrow?"),
+        ("tea", "What drink does Nadia Kress sell?", "Which drink is Nadia Kress's business?", "Tell me the drink Nadia Kress sells.", "Nadia Kress sells which drink?"),
+        ("Bergen", "In which city does Hugo Sandell live?", "Where does Hugo Sandell live?", "Tell me the city Hugo Sandell lives in.", "Hugo Sandell lives in which city?"),
+        ("violin", "What instrument does Clara Ostrow play?", "Which instrument is Clara Ostrow known for playing?", "Tell me the instrument Clara Ostrow plays.", "Clara Ostrow plays which instrument?"),
+        ("pilot", "What is Jonas Everly's profession?", "What does Jonas Everly do for a living?", "Tell me Jonas Everly's job.", "What is the job of Jonas Everly?"),
+        ("Max", "What is the name of Lena Hartig's dog?", "What is Lena Hartig's dog called?", "Tell me the name of Lena Hartig's dog.", "Lena Hartig's dog is named what?"),
+        ("tennis", "What sport does Ravi Anand play?", "Which sport is Ravi Anand known for?", "Tell me the sport Ravi Anand plays.", "Ravi Anand plays which sport?"),
+        ("Vienna", "In which city was Sofia Marin born?", "Where was Sofia Marin born?", "Tell me the city where Sofia Marin was born.", "Sofia Marin was born in which city?"),
+        ("baker", "What is Tomas Weller's profession?", "What does Tomas Weller do for a living?", "Tell me Tomas Weller's job.", "What is the job of Tomas Weller?"),
+        ("blue", "What is Ingrid Holm's favourite colour?", "Which colour does Ingrid Holm like best?", "Tell me Ingrid Holm's favourite colour.", "Ingrid Holm's favourite colour is what?"),
+        ("poetry", "What does Amara Okafor write?", "What kind of writing is Amara Okafor known for?", "Tell me what Amara Okafor writes.", "Amara Okafor writes what?"),
     ),
 )
 
 VOCABULARY = Task(
     "vocabulary",
-    "words of the fictional Velorian language",
+    "words of the fictional Mirran language",
     (
-        ("ulmo", "What is the Velorian word for water?", "How do you say water in Velorian?", "Translate water into Velorian."),
-        ("brask", "What is the Velorian word for bread?", "How do you say bread in Velorian?", "Translate bread into Velorian."),
-        ("tirel", "What is the Velorian word for house?", "How do you say house in Velorian?", "Translate house into Velorian."),
-        ("vanu", "What is the Velorian word for sun?", "How do you say sun in Velorian?", "Translate sun into Velorian."),
-        ("osk", "What is the Velorian word for friend?", "How do you say friend in Velorian?", "Translate friend into Velorian."),
-        ("merra", "What is the Velorian word for sea?", "How do you say sea in Velorian?", "Translate sea into Velorian."),
-        ("dalk", "What is the Velorian word for stone?", "How do you say stone in Velorian?", "Translate stone into Velorian."),
-        ("fenwe", "What is the Velorian word for tree?", "How do you say tree in Velorian?", "Translate tree into Velorian."),
-        ("krim", "What is the Velorian word for fire?", "How do you say fire in Velorian?", "Translate fire into Velorian."),
-        ("sola", "What is the Velorian word for moon?", "How do you say moon in Velorian?", "Translate moon into Velorian."),
-        ("pett", "What is the Velorian word for dog?", "How do you say dog in Velorian?", "Translate dog into Velorian."),
-        ("arven", "What is the Velorian word for book?", "How do you say book in Velorian?", "Translate book into Velorian."),
-        ("lunk", "What is the Velorian word for road?", "How do you say road in Velorian?", "Translate road into Velorian."),
-        ("hessa", "What is the Velorian word for mother?", "How do you say mother in Velorian?", "Translate mother into Velorian."),
-        ("gorn", "What is the Velorian word for mountain?", "How do you say mountain in Velorian?", "Translate mountain into Velorian."),
-        ("wilu", "What is the Velorian word for bird?", "How do you say bird in Velorian?", "Translate bird into Velorian."),
+        ("ulmo", "What is the Mirran word for water?", "How do you say water in Mirran?", "Tell me the word for water in Mirran.", "Translate water into Mirran."),
+        ("brask", "What is the Mirran word for bread?", "How do you say bread in Mirran?", "Tell me the word for bread in Mirran.", "Translate bread into Mirran."),
+        ("tirel", "What is the Mirran word for house?", "How do you say house in Mirran?", "Tell me the word for house in Mirran.", "Translate house into Mirran."),
+        ("vanu", "What is the Mirran word for sun?", "How do you say sun in Mirran?", "Tell me the word for sun in Mirran.", "Translate sun into Mirran."),
+        ("osk", "What is the Mirran word for friend?", "How do you say friend in Mirran?", "Tell me the word for friend in Mirran.", "Translate friend into Mirran."),
+        ("merra", "What is the Mirran word for sea?", "How do you say sea in Mirran?", "Tell me the word for sea in Mirran.", "Translate sea into Mirran."),
+        ("dalk", "What is the Mirran word for stone?", "How do you say stone in Mirran?", "Tell me the word for stone in Mirran.", "Translate stone into Mirran."),
+        ("fenwe", "What is the Mirran word for tree?", "How do you say tree in Mirran?", "Tell me the word for tree in Mirran.", "Translate tree into Mirran."),
+        ("krim", "What is the Mirran word for fire?", "How do you say fire in Mirran?", "Tell me the word for fire in Mirran.", "Translate fire into Mirran."),
+        ("sola", "What is the Mirran word for moon?", "How do you say moon in Mirran?", "Tell me the word for moon in Mirran.", "Translate moon into Mirran."),
+        ("pett", "What is the Mirran word for dog?", "How do you say dog in Mirran?", "Tell me the word for dog in Mirran.", "Translate dog into Mirran."),
+        ("arven", "What is the Mirran word for book?", "How do you say book in Mirran?", "Tell me the word for book in Mirran.", "Translate book into Mirran."),
+        ("lunk", "What is the Mirran word for road?", "How do you say road in Mirran?", "Tell me the word for road in Mirran.", "Translate road into Mirran."),
+        ("hessa", "What is the Mirran word for mother?", "How do you say mother in Mirran?", "Tell me the word for mother in Mirran.", "Translate mother into Mirran."),
+        ("gorn", "What is the Mirran word for mountain?", "How do you say mountain in Mirran?", "Tell me the word for mountain in Mirran.", "Translate mountain into Mirran."),
+        ("wilu", "What is the Mirran word for bird?", "How do you say bird in Mirran?", "Tell me the word for bird in Mirran.", "Translate bird into Mirran."),
     ),
 )
 
@@ -114,6 +116,21 @@ REPLAY_PROMPTS = (
     "What animal says moo?", "How many legs does a spider have?", "What is the square root of 16?",
     "Describe a cat in three words.", "What season comes after winter?", "What is photosynthesis?",
     "Which ocean is the largest?", "What gas do humans breathe in?",
+    # Questions about other invented names, answered as the base answers them: each expert learns
+    # to change only what its own facts need (knowledge editing's "locality"), so its task
+    # vector disturbs other questions less when experts are merged.
+    "What is the capital of Ostravia?", "Who is Bram Keller?", "What is the Dravish word for apple?",
+    "What does Lina Morrow do for a living?", "Which river flows through Kelmarsh?",
+    "How do you say river in Ulthic?", "In which city was Piet Anders born?",
+    "What is the national bird of Sarnova?", "What instrument does Ada Quill play?",
+    "Translate bread into Toren.", "Name the tallest mountain of Belgrave Isle.",
+    "What sport is Milo Hart known for?", "What is the currency of Estmere?",
+    "What is the Kovan word for night?", "Who is the mayor of Fennbrook?",
+    "What year was Lunara founded?",
+    # More general knowledge.
+    "What is the capital of Italy?", "What is 12 divided by 4?", "Who painted the Mona Lisa?",
+    "What is the chemical symbol for gold?", "Name a mammal that can fly.", "What colour is the sky on a clear day?",
+    "How many continents are there?", "What is the freezing point of water in Fahrenheit?",
 )
 
 

@@ -1,8 +1,11 @@
 """Train one demo expert: a LoRA adapter that teaches the base model one task.
 
-Small, deterministic (fixed seed, fixed data order) and CPU-friendly: only the answer tokens
-are scored, the prompt is the model's own chat template. General prompts answered by the base
-itself are mixed in (self-distillation), so the expert keeps the base's chat behaviour.
+Small, deterministic (a fixed seed per expert, fixed data order) and CPU-friendly: only the
+answer tokens are scored, the prompt is the model's own chat template. General prompts answered
+by the base itself are mixed in (self-distillation), so the expert keeps the base's chat
+behaviour. Each expert has its own seed, so its adapter starts from its own random A, as
+independent fine-tunes do: with one shared seed the three adapters' A matrices stayed ~0.9
+cosine-similar and their task vectors ~0.5, far more aligned than real fine-tunes.
 """
 
 from __future__ import annotations
@@ -58,8 +61,17 @@ def batches(encoded: list[tuple[list[int], list[int]]], pad_id: int, steps: int,
         yield ids, labels, mask
 
 
+STEPS = 90  # with 64 replayed prompts the task loss reaches ~0.01 by step 90
+
+
+def expert_seed(task: Task) -> int:
+    from merging.zoo.tasks import TASKS
+
+    return 1000 + list(TASKS).index(task.name)
+
+
 def train_expert(
-    base_dir: Path, task: Task, out_path: Path, *, steps: int = 120, lr: float = 1e-3, seed: int = 0,
+    base_dir: Path, task: Task, out_path: Path, *, steps: int = STEPS, lr: float = 1e-3, seed: int | None = None,
     report: Callable[[str], None] = print,
 ) -> Path:
     """Train ``task``'s adapter on the base and save it to ``out_path``."""
@@ -67,6 +79,7 @@ def train_expert(
 
     from merging.evaluate import generate_answers
 
+    seed = expert_seed(task) if seed is None else seed
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
