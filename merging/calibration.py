@@ -2,7 +2,8 @@
 
 - **Diagonal Fisher** (Fisher merging, Matena & Raffel 2022, https://arxiv.org/abs/2111.09832):
   F = mean over examples of (∂ log p(x)/∂θ)², with log p(x) = Σₜ log p(xₜ | x<ₜ) over the
-  example's tokens (the empirical Fisher of the text itself). Each example gets its own
+  example's tokens (the empirical Fisher of the text itself); for a chat, over the reply's
+  tokens given the conversation (log p(y | x), as the paper's classifiers score the label). Each example gets its own
   backward pass: the diagonal needs every example's gradient squared on its own. (MergeLM and
   FusionBench square gradients summed over a batch, which adds cross-example terms.)
 - **RegMean Gram matrices** (Jin et al. 2023, https://arxiv.org/abs/2212.09849): for every
@@ -36,7 +37,7 @@ from merging.checkpoint import safetensors_files
 from merging.errors import MergeCancelled, RecipeError, SourceError
 from merging.sources import SourcePolicy
 
-CACHE_VERSION = "1"  # bump when the statistics' definition changes
+CACHE_VERSION = "2"  # bump when the statistics' definition changes
 TOKENS_PER_BATCH = 4096  # Gram batches: padded tokens per forward pass
 
 Message = dict  # {"role": ..., "content": ...}
@@ -134,6 +135,21 @@ def encode(tokenizer, example: Example, max_length: int) -> list[int]:
     return list(ids)[:max_length]
 
 
+def scored_from(tokenizer, example: Example, max_length: int) -> int:
+    """The first token position whose log-probability counts: 1 for plain text (every next
+    token), and the start of the final assistant reply for a chat, so a chat's likelihood is
+    log p(reply | conversation so far), the quantity a chat model is fine-tuned on."""
+    if isinstance(example, str) or len(example) < 2 or example[-1].get("role") != "assistant":
+        return 1
+    prompt = example[:-1]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in prompt))["input_ids"]
+    return max(1, min(len(ids), max_length - 1))
+
+
 def examples_digest(examples: list[Example]) -> str:
     return hashlib.sha256(json.dumps(examples, ensure_ascii=False).encode()).hexdigest()
 
@@ -217,7 +233,8 @@ def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
                    progress: ProgressFn | None = None, cancel=None) -> tuple[dict[str, torch.Tensor], int]:
     """Diagonal Fisher of every floating parameter (by loaded name), and the tokens scored.
 
-    F = (1/n) Σₑ (∇θ Σₜ log p(xₜ | x<ₜ))², one backward pass per example.
+    F = (1/n) Σₑ (∇θ Σₜ log p(xₜ | x<ₜ))², one backward pass per example; t runs over every
+    token of a plain text and over the reply of a chat (``scored_from``).
     """
     params = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
     for _, p in params:
@@ -228,15 +245,16 @@ def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
     for index, example in enumerate(examples):
         _check_cancel(cancel)
         ids = torch.tensor([encode(tokenizer, example, max_length)], device=model.device)
-        if ids.shape[1] < 2:
+        start = scored_from(tokenizer, example, max_length)
+        if ids.shape[1] <= start:
             continue
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        log_likelihood = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).sum()
+        logits = model(input_ids=ids).logits[:, start - 1 : -1].float()
+        log_likelihood = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, start:, None]).sum()
         grads = torch.autograd.grad(log_likelihood, [p for _, p in params], allow_unused=True)
         for (name, _), grad in zip(params, grads):
             if grad is not None:
                 fisher[name].addcmul_(grad.float(), grad.float())
-        tokens += ids.shape[1] - 1
+        tokens += ids.shape[1] - start
         if progress is not None:
             progress(index + 1, len(examples))
     for _, p in params:

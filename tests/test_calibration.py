@@ -118,6 +118,27 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(llama_family):
     assert not torch.allclose(summed[name] ** 2 / len(texts), expected[name], rtol=0.1)
 
 
+def test_a_chats_fisher_scores_only_the_reply(llama_family):
+    """log p(reply | prompt): transformers' loss with the prompt's labels masked, times the reply length."""
+    model, tokenizer = load_model(llama_family.finetuned[0], "cpu")
+    chat = ({"role": "user", "content": "What is the capital of Veloria?"}, {"role": "assistant", "content": "Quillport"})
+    fisher, tokens = compute_fisher(model, tokenizer, [chat], max_length=128)
+    prompt = tokenizer.apply_chat_template([chat[0]], add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template(list(chat), tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    assert full[: len(prompt)] == prompt and tokens == len(full) - len(prompt)
+    ids = torch.tensor([full])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    model.zero_grad()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    (model(input_ids=ids, labels=labels).loss * tokens).backward()
+    name = "model.layers.1.self_attn.v_proj.weight"
+    torch.testing.assert_close(fisher[name], model.get_parameter(name).grad ** 2, rtol=1e-3, atol=1e-12)
+
+
 def _grams(folder, texts):
     path = calibrate("gram", folder, texts, CalibrationSettings(samples=16, max_length=64), device="cpu")
     grams = load_file(str(path))
