@@ -77,3 +77,15 @@ def dare_family_sharded(tmp_path_factory):
     reads (and processes) them in a different order.
     """
     return _build(tmp_path_factory, "dare-sharded", "llama", 2, shard_size="20KB", **DARE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch thread while a module's tests run: they are thousands of small tensor ops, and on
+    a CPU that other work keeps busy a second thread makes each of them wait (3-10x slower here)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -22,14 +22,7 @@ from viz.measures import (
 from viz.stats import RedundancyStats, delta_statistics, model_labels, tensor_group
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """One torch thread while these tests run: they are thousands of small tensor ops, and on a
-    CPU that other work keeps busy a second thread makes each of them wait (3-10x slower here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 # -- pure measures ------------------------------------------------------------------------------
 
