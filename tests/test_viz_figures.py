@@ -1,7 +1,6 @@
 """Plotly figures (viz.figures) and the sweep's reading of its numbers (viz.sweep)."""
 
 import pytest
-import torch
 
 from test_viz_stats import viz_family
 from viz import figures
