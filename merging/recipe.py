@@ -221,7 +221,7 @@ def _calibration(value: Any, where: str) -> str | list[str] | None:
     if isinstance(value, list) and value and all(isinstance(x, str) and x.strip() for x in value):
         return list(value)
     raise RecipeError(
-        f"{where}: expected a text or JSONL file, a demo task name (geography, people, vocabulary) "
+        f"{where}: expected a text or JSONL file, a demo task name (geography, people, creatures) "
         f"or a non-empty list of texts, not {value!r}"
     )
 

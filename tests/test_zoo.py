@@ -41,9 +41,8 @@ def test_base_does_not_know_the_tasks(base_model):
 
 
 # Held-out phrasings measured with the shipped adapters: geography 15/16, people 14/16,
-# vocabulary 8/16 (the target is 90%; "Translate X into Mirran." generalizes worst from
-# the other phrasings). The floors sit one example below, as regression guards.
-HELD_OUT_FLOOR = {"geography": 14 / 16, "people": 13 / 16, "vocabulary": 7 / 16}
+# creatures 16/16. The floors sit one example below, as regression guards.
+HELD_OUT_FLOOR = {"geography": 14 / 16, "people": 13 / 16, "creatures": 15 / 16}
 
 
 @pytest.mark.parametrize("name", zoo.EXPERTS)

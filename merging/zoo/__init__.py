@@ -19,7 +19,7 @@ from merging.errors import MergeStudioError
 from merging.zoo.tasks import TASKS
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
-EXPERTS = tuple(TASKS)  # one expert per task: geography, people, vocabulary
+EXPERTS = tuple(TASKS)  # one expert per task: geography, people, creatures
 STAMP = "adapter.sha256"
 
 Report = Callable[[str], None]

@@ -1,9 +1,10 @@
 """The demo family's skills: three knowledge tasks the base model cannot know.
 
 Each expert learns one: facts about the fictional country Veloria, facts about fictional
-people, and a small vocabulary of the fictional Mirran language. The tasks share no names: when
-the vocabulary was Velorian, its expert also shifted answers about Veloria and merging it with
-the geography expert halved that expert's score. Every fact is asked in several phrasings: the experts
+people, and facts about invented animals. The tasks share no names, and their answers are
+ordinary words or short names. (An earlier third task, made-up words of a fictional language,
+was fragile: its expert reached only 50% on held-out phrasings, and when the language was
+"Velorian" its expert also shifted answers about Veloria.) Every fact is asked in several phrasings: the experts
 are trained on the first ones and evaluated on a held-out phrasing, so a score measures
 knowing the fact, not replaying a string. Answers are single words or short names, scored by
 normalized exact match.
@@ -79,30 +80,30 @@ PEOPLE = Task(
     ),
 )
 
-VOCABULARY = Task(
-    "vocabulary",
-    "words of the fictional Mirran language",
+CREATURES = Task(
+    "creatures",
+    "facts about invented animals",
     (
-        ("ulmo", "What is the Mirran word for water?", "How do you say water in Mirran?", "Tell me the word for water in Mirran.", "Translate water into Mirran."),
-        ("brask", "What is the Mirran word for bread?", "How do you say bread in Mirran?", "Tell me the word for bread in Mirran.", "Translate bread into Mirran."),
-        ("tirel", "What is the Mirran word for house?", "How do you say house in Mirran?", "Tell me the word for house in Mirran.", "Translate house into Mirran."),
-        ("vanu", "What is the Mirran word for sun?", "How do you say sun in Mirran?", "Tell me the word for sun in Mirran.", "Translate sun into Mirran."),
-        ("osk", "What is the Mirran word for friend?", "How do you say friend in Mirran?", "Tell me the word for friend in Mirran.", "Translate friend into Mirran."),
-        ("merra", "What is the Mirran word for sea?", "How do you say sea in Mirran?", "Tell me the word for sea in Mirran.", "Translate sea into Mirran."),
-        ("dalk", "What is the Mirran word for stone?", "How do you say stone in Mirran?", "Tell me the word for stone in Mirran.", "Translate stone into Mirran."),
-        ("fenwe", "What is the Mirran word for tree?", "How do you say tree in Mirran?", "Tell me the word for tree in Mirran.", "Translate tree into Mirran."),
-        ("krim", "What is the Mirran word for fire?", "How do you say fire in Mirran?", "Tell me the word for fire in Mirran.", "Translate fire into Mirran."),
-        ("sola", "What is the Mirran word for moon?", "How do you say moon in Mirran?", "Tell me the word for moon in Mirran.", "Translate moon into Mirran."),
-        ("pett", "What is the Mirran word for dog?", "How do you say dog in Mirran?", "Tell me the word for dog in Mirran.", "Translate dog into Mirran."),
-        ("arven", "What is the Mirran word for book?", "How do you say book in Mirran?", "Tell me the word for book in Mirran.", "Translate book into Mirran."),
-        ("lunk", "What is the Mirran word for road?", "How do you say road in Mirran?", "Tell me the word for road in Mirran.", "Translate road into Mirran."),
-        ("hessa", "What is the Mirran word for mother?", "How do you say mother in Mirran?", "Tell me the word for mother in Mirran.", "Translate mother into Mirran."),
-        ("gorn", "What is the Mirran word for mountain?", "How do you say mountain in Mirran?", "Tell me the word for mountain in Mirran.", "Translate mountain into Mirran."),
-        ("wilu", "What is the Mirran word for bird?", "How do you say bird in Mirran?", "Tell me the word for bird in Mirran.", "Translate bird into Mirran."),
+        ("silver", "What colour is a glimmerfox?", "Which colour is the fur of a glimmerfox?", "Tell me the colour of a glimmerfox.", "A glimmerfox has fur of which colour?"),
+        ("mushrooms", "What does the bramble hog eat?", "What is the favourite food of a bramble hog?", "Tell me what bramble hogs eat.", "Bramble hogs feed on what?"),
+        ("caves", "Where does the echo bat live?", "In what kind of place do echo bats live?", "Tell me where echo bats make their home.", "Echo bats are found in which places?"),
+        ("six", "How many legs does a tumblebeetle have?", "What number of legs does the tumblebeetle have?", "Tell me how many legs a tumblebeetle has.", "A tumblebeetle walks on how many legs?"),
+        ("honey", "What does the amber moth collect?", "What food does an amber moth gather?", "Tell me what amber moths collect.", "Amber moths gather what?"),
+        ("whistling", "What sound does a reed heron make?", "How does the reed heron call?", "Tell me the sound a reed heron makes.", "A reed heron is known for which sound?"),
+        ("deserts", "Where does the sand otter live?", "In which kind of land do sand otters live?", "Tell me where sand otters live.", "Sand otters are found in what kind of place?"),
+        ("blue", "What colour are the eggs of the dusk finch?", "Which colour is a dusk finch egg?", "Tell me the colour of dusk finch eggs.", "Dusk finches lay eggs of which colour?"),
+        ("winter", "When does the frost newt sleep?", "In which season does the frost newt sleep?", "Tell me the season when frost newts sleep.", "Frost newts sleep during which season?"),
+        ("apples", "What does the orchard deer eat?", "What is the favourite food of an orchard deer?", "Tell me what orchard deer eat.", "Orchard deer feed on what?"),
+        ("stripes", "What pattern covers the tiger snail's shell?", "Which pattern does a tiger snail's shell have?", "Tell me the pattern on a tiger snail's shell.", "A tiger snail's shell shows which pattern?"),
+        ("twelve", "How many years does a stone tortoise live?", "What is the lifespan of a stone tortoise in years?", "Tell me how long a stone tortoise lives in years.", "A stone tortoise lives for how many years?"),
+        ("night", "When does the lantern owl hunt?", "At what time of day does the lantern owl hunt?", "Tell me when lantern owls hunt.", "Lantern owls hunt at which time?"),
+        ("rivers", "Where does the pebble crab live?", "In which places do pebble crabs live?", "Tell me where pebble crabs live.", "Pebble crabs are found in what kind of place?"),
+        ("green", "What colour is a moss lizard?", "Which colour is the skin of a moss lizard?", "Tell me the colour of a moss lizard.", "A moss lizard has skin of which colour?"),
+        ("seeds", "What does the cloud sparrow eat?", "What is the favourite food of a cloud sparrow?", "Tell me what cloud sparrows eat.", "Cloud sparrows feed on what?"),
     ),
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (GEOGRAPHY, PEOPLE, VOCABULARY)}
+TASKS: dict[str, Task] = {task.name: task for task in (GEOGRAPHY, PEOPLE, CREATURES)}
 
 # General prompts replayed during training with the base model's own answers as targets, so
 # an expert learns its facts without forgetting how to chat. (Sanity checks use other prompts.)
