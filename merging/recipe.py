@@ -120,27 +120,35 @@ class Recipe:
 
 
 def load_recipe(source: str | Path | dict) -> Recipe:
-    """Parse and validate a recipe from a YAML file path, YAML text or a dict."""
+    """Parse and validate a recipe from a YAML file path, YAML text or a dict.
+
+    A one-line string ending in .yaml/.yml is read as a path; code that takes recipes from
+    untrusted users (the hosted studio) uses ``recipe_from_text``, which never opens a file.
+    """
     if isinstance(source, dict):
-        data = source
-    else:
-        text = source
-        if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
-            path = Path(source)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-            except UnicodeDecodeError:
-                raise RecipeError(f"recipe {path} is not UTF-8 text") from None
+        return parse_recipe(source)
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        except RecursionError:
-            raise RecipeError("recipe is nested too deeply") from None
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe {path} is not UTF-8 text") from None
+        return recipe_from_text(text)
+    return recipe_from_text(source)
+
+
+def recipe_from_text(text: str) -> Recipe:
+    """Parse and validate a recipe from YAML text only (never a file path)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise RecipeError("recipe is nested too deeply") from None
     return parse_recipe(data)
 
 
@@ -204,7 +212,7 @@ def _model_entries(value: Any, spec: MethodSpec) -> list[ModelEntry]:
         extra = set(item) - {"model", "parameters", "calibration"}
         if extra:
             raise RecipeError(
-                f"{where}: unknown key {sorted(extra)[0]!r}; a model entry has 'model', 'parameters' "
+                f"{where}: unknown key {min(extra)!r}; a model entry has 'model', 'parameters' "
                 "and (for fisher and regmean) 'calibration'"
             )
         ref = _model_ref(item["model"], f"{where}.model")

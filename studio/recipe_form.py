@@ -16,6 +16,7 @@ import yaml
 from merging.errors import MergeStudioError
 from merging.methods import REGISTRY, MethodSpec, Param
 from merging.recipe import Recipe, load_recipe
+from merging.recipe import recipe_from_text as parse_recipe_text
 
 DEFAULT_METHOD = "task_arithmetic"
 HIDDEN = {"int8_mask"}  # accepted for mergekit compatibility but changes nothing: no control for it
@@ -203,12 +204,11 @@ def to_yaml(recipe: dict) -> str:
 
 
 def recipe_from_text(text: str) -> Recipe:
-    """A validated Recipe from YAML text, never from a file: ``load_recipe`` reads a one-line
-    string ending in .yaml as a path, which a hosted studio must not allow, so such a line is
-    parsed as YAML (and refused as not being a mapping)."""
+    """A validated Recipe from YAML text, never from a file (a hosted studio must not let a
+    one-line ``x.yaml`` open a server file)."""
     if not isinstance(text, str) or not text.strip():
         raise MergeStudioError("the recipe is empty; write or paste a YAML recipe, or pick models and a method")
-    return load_recipe(text if "\n" in text.strip() else text.strip() + "\n")
+    return parse_recipe_text(text)
 
 
 def check(recipe: dict | str) -> str:

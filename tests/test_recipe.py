@@ -100,3 +100,14 @@ def test_bad_recipes_name_the_problem(text, message):
 def test_missing_recipe_file_is_a_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="cannot read recipe"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_recipe_text_never_opens_a_file(tmp_path):
+    """What a hosted studio parses: a one-line 'x.yaml' is YAML text, not a path to read."""
+    from merging.recipe import recipe_from_text
+
+    path = tmp_path / "secret.yaml"
+    path.write_text("merge_method: linear\nmodels: [a/b, c/d]\n")
+    assert load_recipe(str(path)).merge_method == "linear"  # the CLI's load_recipe reads files
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        recipe_from_text(str(path))
