@@ -22,5 +22,9 @@ class CheckpointError(MergeStudioError):
     """A checkpoint is corrupt, incompatible with the others, or cannot be written."""
 
 
-class MergeCancelled(MergeStudioError):
+class Cancelled(MergeStudioError):
+    """Long work (a merge, an evaluation) was stopped by the user."""
+
+
+class MergeCancelled(Cancelled):
     """The merge was stopped by the user; no output was left behind."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from merging.errors import MergeStudioError
+from merging.errors import Cancelled, MergeStudioError
 from merging.zoo.tasks import TASKS, Example, normalize
 
 MAX_NEW_TOKENS = 16
@@ -73,12 +73,18 @@ def load_model(folder: Path, device: str = "auto"):
 
 
 @torch.inference_mode()
-def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers to single-turn chat prompts, in order."""
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS,
+                     on_batch=None, cancel=None) -> list[str]:
+    """Greedy answers to single-turn chat prompts, in order.
+
+    ``on_batch(answered)`` is called after each batch; a set ``cancel`` event stops between batches.
+    """
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation stopped")
         chats = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
             for p in prompts[start : start + batch_size]
@@ -87,12 +93,14 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16,
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(answers))
     return answers
 
 
-def task_accuracy(model, tokenizer, examples: list[Example]) -> tuple[float, list[tuple[str, str, str]]]:
+def task_accuracy(model, tokenizer, examples: list[Example], on_batch=None, cancel=None) -> tuple[float, list[tuple[str, str, str]]]:
     """Fraction of prompts whose normalized answer equals the expected one exactly."""
-    got = generate_answers(model, tokenizer, [ex.prompt for ex in examples])
+    got = generate_answers(model, tokenizer, [ex.prompt for ex in examples], on_batch=on_batch, cancel=cancel)
     details = [(ex.prompt, ex.answer, answer) for ex, answer in zip(examples, got)]
     correct = sum(normalize(answer) == normalize(ex.answer) for ex, answer in zip(examples, got))
     return correct / len(examples), details
@@ -116,13 +124,25 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
     return math.exp(total / count)
 
 
-def evaluate(folder: str | Path, suite: str | Path | None = "zoo", text: str | Path | None = None, device: str = "auto") -> EvalReport:
-    """Accuracy on each task of ``suite`` and, if ``text`` (a file) is given, perplexity on it."""
+def evaluate(folder: str | Path, suite: str | Path | None = "zoo", text: str | Path | None = None, device: str = "auto",
+             *, progress=None, cancel=None) -> EvalReport:
+    """Accuracy on each task of ``suite`` and, if ``text`` (a file) is given, perplexity on it.
+
+    ``progress(done, total)`` counts answered prompts; a set ``cancel`` event raises
+    ``Cancelled`` at the next batch.
+    """
+    suites = load_suite(suite) if suite is not None else {}  # a bad suite fails before the model loads
     model, tokenizer = load_model(Path(folder), device)
     report = EvalReport()
-    if suite is not None:
-        for name, examples in load_suite(suite).items():
-            report.tasks[name], report.answers[name] = task_accuracy(model, tokenizer, examples)
+    total = sum(len(examples) for examples in suites.values())
+    answered = 0
+    for name, examples in suites.items():
+        def on_batch(count: int, before: int = answered) -> None:
+            if progress is not None:
+                progress(before + count, total)
+
+        report.tasks[name], report.answers[name] = task_accuracy(model, tokenizer, examples, on_batch, cancel)
+        answered += len(examples)
     if text is not None:
         try:
             content = Path(text).read_text(encoding="utf-8")

@@ -8,11 +8,11 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from merging.errors import MergeStudioError
+from merging.errors import Cancelled, MergeStudioError
 from merging.evaluate import evaluate, load_suite
 from merging.sources import resolve_model
 from studio.common import HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash, user_errors
-from studio.settings import Settings
+from studio.settings import Settings, StopSignal
 
 SUITES = {"demo tasks (held-out questions of the demo experts)": "zoo", "uploaded JSONL": "upload",
           "none (perplexity only)": None}
@@ -67,13 +67,18 @@ def build(settings: Settings, results: gr.State) -> None:
     with gr.Row():
         text_file = gr.File(file_types=[".txt"], label="Perplexity text (optional, UTF-8)")
         pasted = gr.Textbox(lines=4, label="…or paste the text", max_length=2_000_000)
-    run = gr.Button("Evaluate", variant="primary")
+    stop = gr.State(StopSignal())
+    with gr.Row():
+        run = gr.Button("Evaluate", variant="primary", scale=4)
+        stop_button = gr.Button("Stop", variant="stop", scale=1)
+    status = gr.Markdown()
     table = gr.Dataframe(label="Results (accuracy in %)", interactive=False)
     chart = gr.Plot(label="Accuracy")
 
     @user_errors
     def run_eval(refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None, text: str,
-                 done: list, request: gr.Request, progress=gr.Progress()):
+                 done: list, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
+        cancel = signal.fresh()
         if not refs:
             raise MergeStudioError("tick at least one model to evaluate")
         choice = SUITES[suite_name]
@@ -89,12 +94,23 @@ def build(settings: Settings, results: gr.State) -> None:
         reports = []
         for i, ref in enumerate(refs):
             label = label_of(settings, ref, done)
-            progress((i, len(refs)), desc=f"evaluating {label}", unit="models")
-            folder = resolve_model(ref, policy, download).folder
-            reports.append((label, evaluate(folder, tasks, text_path, settings.device).summary()))
-        return table_and_chart(reports)
+            progress((0, 1), desc=f"loading {label} ({i + 1}/{len(refs)})")
 
-    run.click(run_eval, [models, suite, suite_file, text_file, pasted, results], [table, chart],
+            def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
+                progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
+
+            folder = resolve_model(ref, policy, download).folder
+            try:
+                report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=cancel)
+            except Cancelled:
+                if not reports:
+                    return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
+                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *table_and_chart(reports))
+            reports.append((label, report.summary()))
+        return (f"{len(reports)} models measured.", *table_and_chart(reports))
+
+    run.click(run_eval, [models, suite, suite_file, text_file, pasted, results, stop], [status, table, chart],
               concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
+    stop_button.click(lambda signal: signal.event.set(), [stop], None, **INSTANT)
     results.change(lambda done, value: gr.CheckboxGroup(choices=model_choices(settings, done), value=value),
                    [results, models], [models], **INSTANT)

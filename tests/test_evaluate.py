@@ -61,3 +61,29 @@ def test_eval_cli_prints_the_json_summary(tmp_path):
 def test_eval_cli_missing_folder_is_one_line_error(tmp_path):
     result = run_cli("eval", tmp_path / "nope")
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "not found" in result.stderr
+
+
+def test_progress_counts_prompts_and_stop_ends_between_batches(tmp_path):
+    import threading
+
+    from merging.errors import Cancelled
+
+    fam = family("llama", 1)
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("".join(json.dumps({"prompt": f"q{i}?", "answer": "a", "task": t}) + "\n"
+                             for t in ("one", "two") for i in range(20)))
+    seen = []
+    evaluate(fam.base, suite, device="cpu", progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (40, 40) and all(total == 40 for _, total in seen)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and len(seen) >= 4  # batches of 16
+
+    stop = threading.Event()
+    answered = []
+
+    def stop_after_first_batch(done, total):
+        answered.append(done)
+        stop.set()
+
+    with pytest.raises(Cancelled, match="stopped"):
+        evaluate(fam.base, suite, device="cpu", progress=stop_after_first_batch, cancel=stop)
+    assert answered == [16]
