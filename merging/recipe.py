@@ -306,7 +306,7 @@ def _dtype(value: Any, where: str) -> str | None:
     if value is None:
         return None
     name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise RecipeError(f"{where} {value!r} is not supported; use one of {', '.join(DTYPES)}")
     return name
 
