@@ -265,3 +265,19 @@ def test_cli_runs_a_regmean_recipe(llama_family, tmp_path):
     result = run_cli("merge", missing, tmp_path / "out2")
     assert "nope.txt" in error_line(result) and "not found" in error_line(result)
     assert_no_output(tmp_path / "out2")
+
+
+def test_hosted_calibration_files_stay_inside_the_allowed_folders(tmp_path):
+    from merging.errors import SourceError
+    from merging.sources import SourcePolicy
+
+    mine = tmp_path / "session"
+    mine.mkdir()
+    (mine / "cal.txt").write_text("my own text\n")
+    hosted = SourcePolicy(hosted=True, allowed_roots=(mine,))
+    assert load_examples(str(mine / "cal.txt"), 4, hosted) == ["my own text"]
+    outside = tmp_path / "server-secret.txt"
+    outside.write_text("secret\n")
+    for path in (str(outside), str(mine / ".." / "server-secret.txt"), "/etc/hostname", "../../../../etc/passwd"):
+        with pytest.raises(SourceError, match="disabled on this hosted studio"):
+            load_examples(path, 4, hosted)
