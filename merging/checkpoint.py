@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -407,7 +408,8 @@ def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> I
         raise CheckpointError(f"cannot create output folder {out_dir}: a file is in the way on its path") from None
     except OSError as exc:
         raise CheckpointError(f"cannot create {out_dir.parent}: {exc.strerror or exc}") from None
-    token = uuid.uuid4().hex[:8]
+    remove_stale_partials(out_dir)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp = out_dir.parent / f".{out_dir.name}.partial-{token}"
     temp.mkdir()
     try:
@@ -422,6 +424,32 @@ def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> I
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Delete what a killed earlier run left beside ``out_dir``: temporary folders named
+    ``.<name>.partial-<pid>-<token>`` (or ``.old-``) whose process no longer exists."""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(?:partial|old)-(\d+)-[0-9a-f]+$")
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:
+        return
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if match and sibling.is_dir() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtype: torch.dtype | None) -> None:

@@ -1,0 +1,46 @@
+"""Faults: a merge killed with SIGKILL at a random point leaves no output folder, and the next
+run cleans what the killed one left beside it and succeeds."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import REPO, _cli_env, family, run_cli
+from safetensors.torch import load_file
+
+# Large enough that a merge takes a few seconds here, so the kill lands mid-write.
+BIG = dict(num_layers=4, hidden_size=256, intermediate_size=2048, vocab_size=4096, seed=71)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_killed_merge_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
+    fam = family("llama", 2, **BIG)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"merge_method: ties\nbase_model: {fam.base}\nmodels:\n"
+        + "".join(f"  - model: {m}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for m in fam.finetuned)
+    )
+    out = tmp_path / "merged"
+    process = subprocess.Popen([sys.executable, "-m", "merging", "merge", str(recipe), str(out), "--quiet"],
+                               cwd=REPO, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".merged.partial-") for p in tmp_path.iterdir()):
+        assert process.poll() is None, "the merge ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere while tensors are written
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not out.exists(), "a killed merge left an output folder"
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".merged.partial-")]  # only hidden debris
+
+    result = run_cli("merge", recipe, out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert load_file(str(out / "model.safetensors"))  # complete and readable
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")], "the killed run's debris stayed"
