@@ -17,7 +17,7 @@ import gradio as gr
 
 from chat import ABSession, ModelPool, SamplingParams, check_message, stream_many
 from merging.errors import MergeStudioError
-from studio.common import CHAT, INSTANT, UI, label_of, model_choices, user_errors
+from studio.common import CHAT, INSTANT, UI, as_text, label_of, model_choices, user_errors
 from studio.settings import Settings, StopSignal
 
 PANELS = 4
@@ -30,6 +30,13 @@ class Panel:
     column: gr.Column
     model: gr.Dropdown
     chatbot: gr.Chatbot
+
+
+def _shown(messages: list[dict]) -> list[dict]:
+    """Messages as the chatbot shows them: HTML special characters escaped, so a prompt or an
+    answer containing tags is displayed as the text it is (Gradio's sanitizer keeps tags such as
+    <img>). The conversations sent to the models keep the raw text."""
+    return [{**m, "content": as_text(m["content"])} for m in messages]
 
 
 def _empty() -> list[list[dict]]:
@@ -51,7 +58,10 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
             with gr.Column(visible=i < 2, min_width=260) as column:
                 ref = family[i % len(family)] if i < len(family) else family[-1]
                 model = gr.Dropdown(choices, value=ref, label=f"Panel {i + 1} model", allow_custom_value=True)
-                chatbot = gr.Chatbot(label=label_of(settings, ref), height=420, buttons=["copy"], feedback_options=None)
+                # Plain text, not Markdown: prompts and model output are shown exactly as written, and any
+                # HTML in them stays text (Gradio's sanitizer would keep tags like <img>).
+                chatbot = gr.Chatbot(label=label_of(settings, ref), height=420, buttons=["copy"], feedback_options=None,
+                                     render_markdown=False)
             panels.append(Panel(column, model, chatbot))
     with gr.Row(visible=False) as vote_row:
         vote_buttons = [gr.Button(text, size="sm") for text in VOTES]
@@ -100,6 +110,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
             for k, panel in enumerate(panel_of):
                 messages = asked[k] + [{"role": "assistant", "content": answers[k] or ("…" if not final else "")}]
                 # blind: the labels go back to Model A / B (a previous comparison's reveal must not stay)
+                messages = _shown(messages)
                 boxes[panel] = gr.Chatbot(messages, label=f"Model {'AB'[k]}") if is_blind else messages
             return ("", *boxes, gr.skip(), gr.skip(), note)
 
@@ -173,7 +184,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
             raise MergeStudioError("start a blind comparison first: send a message")
         revealed = ab.vote(VOTES[choice_text])
         names = {k: label_of(settings, v, done) for k, v in revealed.items()}
-        text = (f"**Model A** was **{names['A']}**, **Model B** was **{names['B']}**. Your vote "
+        text = (f"**Model A** was **{as_text(names['A'])}**, **Model B** was **{as_text(names['B'])}**. Your vote "
                 f"(*{choice_text}*) is recorded. Send a new message to start another comparison.")
         return (gr.Chatbot(label=f"Model A: {names['A']}"), gr.Chatbot(label=f"Model B: {names['B']}"), ab, text, "")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import functools
 import inspect
 import logging
@@ -121,3 +122,9 @@ def read_upload(path: str | None, what: str, limit: int = 20_000_000) -> str:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise MergeStudioError(f"the {what} is not UTF-8 text") from None
+
+
+def as_text(value) -> str:
+    """``value`` made safe to put inside Markdown: HTML special characters escaped, so a model
+    name or path such as ``<img src=x onerror=...>`` is displayed as written, never as markup."""
+    return html.escape(str(value), quote=False)

@@ -13,7 +13,7 @@ from merging.errors import MergeCancelled
 from merging.methods import Param
 from merging.zoo.tasks import TASKS
 from studio import recipe_form as form
-from studio.common import HEAVY, INSTANT, UI, format_bytes, label_of, read_upload, session_dir, session_hash, user_errors
+from studio.common import HEAVY, INSTANT, UI, as_text, format_bytes, label_of, read_upload, session_dir, session_hash, user_errors
 from studio.settings import Settings, StopSignal, prune_sessions
 
 MAX_RECIPE_BYTES = 1_000_000
@@ -115,7 +115,7 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
                                 _wire(_control(param, form.current_value(current, param), True), param, None)
                 for index, entry in enumerate(current.get("models", [])):
                     with gr.Group():
-                        gr.Markdown(f"**{label_of(settings, entry['model'])}**", padding=True)
+                        gr.Markdown(f"**{as_text(label_of(settings, entry['model']))}**", padding=True)
                         with gr.Row():
                             for param in spec.model_params():
                                 _wire(_control(param, form.current_value(current, param, index), index == 0), param, index)

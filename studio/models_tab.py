@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from studio.common import UI, format_bytes, format_count, label_of, model_choices, session_hash, user_errors
+from studio.common import UI, as_text, format_bytes, format_count, label_of, model_choices, session_hash, user_errors
 from studio.model_info import compatibility, describe
 from studio.settings import Settings
 
@@ -34,7 +34,7 @@ def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str |
         info = base_info if role == "base" else describe(ref, policy, download)
         ok, verdict = (not info.error, info.error or "base model") if role == "base" else compatibility(base_info, info)
         if not ok:
-            problems.append(f"**{label_of(settings, ref)}**: {verdict}")
+            problems.append(f"**{as_text(label_of(settings, ref))}**: {as_text(verdict)}")
         memory = info.memory
         rows.append([
             role, label_of(settings, ref), info.architecture or "?", format_count(info.parameters),
