@@ -25,8 +25,9 @@ is freed as soon as no one holds it.
 
 Thread safety: one pool lock guards the bookkeeping (never held while loading or freeing),
 and one lock per model serialises its loading, so two users asking for the same model at
-once load it once, while different models can load in parallel (each with its budget
-reserved first, so parallel loads cannot overshoot the budget together).
+once load it once. Loads of different models wait for each other on
+``merging.evaluate.MODEL_LOAD_LOCK``: transformers' ``from_pretrained`` is not thread-safe
+(each load still has its budget reserved first, so waiting loads cannot overshoot it).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def load_for_chat(folder: Path, device: torch.device, dtype: torch.dtype, *, all
     Never runs remote code. On a GPU, accelerate places the weights straight onto it
     (``device_map``), without a first copy in CPU memory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from merging.evaluate import MODEL_LOAD_LOCK
 
     kwargs = {"dtype": dtype, "trust_remote_code": False, "local_files_only": True}
     if not allow_pickle:
@@ -153,13 +154,16 @@ def load_for_chat(folder: Path, device: torch.device, dtype: torch.dtype, *, all
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with MODEL_LOAD_LOCK:  # from_pretrained is not thread-safe (see merging.evaluate)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            if device.type != "cuda":
+                model = model.to(device)
     except (OSError, ValueError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MergeStudioError(f"cannot load model {folder} for chat: {reason}") from None
-    if device.type != "cuda":
-        model = model.to(device)
     return model.eval(), tokenizer
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,12 @@ from merging.errors import Cancelled, MergeStudioError
 from merging.zoo.tasks import TASKS, Example, normalize
 
 MAX_NEW_TOKENS = 16
+
+# transformers' from_pretrained is not thread-safe: it builds models under a process-wide
+# meta-device context, and its lazy module import can fail when two threads touch it first.
+# Under load, concurrent loads failed with "Cannot copy out of meta tensor" (bench/load.py), so
+# every model load in the process (evaluation, calibration, the chat pool) takes this lock.
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -65,8 +72,9 @@ def load_model(folder: Path, device: str = "auto"):
     hf_logging.disable_progress_bar()  # a bar per load clutters the CLI's and the app's own progress
     target = pick_device(device)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(target).eval()
+        with MODEL_LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(target).eval()
     except (OSError, ValueError) as exc:
         raise MergeStudioError(f"cannot load model {folder}: {str(exc).splitlines()[0]}") from None
     return model, tokenizer
