@@ -44,3 +44,26 @@ def test_a_killed_merge_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
     assert result.returncode == 0, result.stderr
     assert load_file(str(out / "model.safetensors"))  # complete and readable
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")], "the killed run's debris stayed"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KB tmpfs (needs root, as in CI's container); skipped where mounting is not allowed."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip() or done.returncode}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_ends_the_merge_with_a_clear_error_and_nothing_partial(small_disk, tmp_path):
+    fam = family("llama", 2, hidden_size=64, vocab_size=512)  # ~560 KB of weights: more than the disk
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n" + "".join(f"  - model: {m}\n" for m in fam.finetuned))
+    result = run_cli("merge", recipe, small_disk / "merged", fresh=True)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "disk full" in message, result.stderr
+    assert list(small_disk.iterdir()) == [], "a partial output was left on the full disk"
