@@ -277,3 +277,24 @@ def test_evaluation_table_and_chart():
     assert list(table["geo"]) == [25.0, 75.0] and list(table["mean accuracy"]) == [37.5, 87.5]
     assert table["perplexity"].iloc[0] == 12.5
     assert [bar.name for bar in figure.data] == ["base", "merged"] and list(figure.data[1].y) == [75.0, 100.0]
+
+
+def test_uploads_over_the_limit_or_not_text_are_refused(tmp_path):
+    from merging.errors import MergeStudioError
+    from studio.common import read_upload
+
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"x" * 2048)
+    with pytest.raises(MergeStudioError, match="larger than 1.0 KB"):
+        read_upload(str(big), "task suite", limit=1000)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(MergeStudioError, match="not UTF-8"):
+        read_upload(str(binary), "recipe")
+    assert read_upload(str(big), "task suite") == "x" * 2048
+
+
+def test_a_hosted_server_caps_upload_size(tiny_settings):
+    from studio.ui import launch_options
+
+    assert launch_options(replace(tiny_settings, hosted=True))["max_file_size"] == "200mb"
