@@ -67,3 +67,38 @@ def test_a_full_disk_ends_the_merge_with_a_clear_error_and_nothing_partial(small
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and "disk full" in message, result.stderr
     assert list(small_disk.iterdir()) == [], "a partial output was left on the full disk"
+
+
+def test_a_cancelled_merge_frees_its_memory(tmp_path):
+    """RSS after a merge cancelled midway comes back near where it was before it started."""
+    import gc
+    import threading
+
+    import psutil
+
+    from merging.engine import merge
+    from merging.errors import MergeCancelled
+    from merging.recipe import load_recipe
+
+    fam = family("llama", 2, **BIG)  # ~34 MB of float32 weights per model
+    recipe = load_recipe({"merge_method": "ties", "base_model": str(fam.base),
+                          "models": [{"model": str(m), "parameters": {"density": 0.5}} for m in fam.finetuned]})
+    process = psutil.Process()
+    merge(recipe, tmp_path / "warm-up", device="cpu")  # first-use allocations (kernels, caches) happen once
+    gc.collect()
+    before = process.memory_info().rss
+    cancel = threading.Event()
+    peak = [0]
+
+    def progress(done, total, name):
+        peak[0] = max(peak[0], process.memory_info().rss)
+        if done == total // 2:
+            cancel.set()
+
+    with pytest.raises(MergeCancelled):
+        merge(recipe, tmp_path / "cancelled", device="cpu", progress=progress, cancel=cancel)
+    gc.collect()
+    after = process.memory_info().rss
+    assert not (tmp_path / "cancelled").exists()
+    print(f"RSS before {before / 2**20:.0f} MiB, peak during {peak[0] / 2**20:.0f} MiB, after cancel {after / 2**20:.0f} MiB")
+    assert after - before < 16 * 2**20, f"{(after - before) / 2**20:.1f} MiB still held after the cancelled merge"
