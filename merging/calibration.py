@@ -178,7 +178,8 @@ def cache_key(kind: str, folder: Path, examples: list[Example], settings: Calibr
 
 def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    _remove_dead_temps(path.parent)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, temp, metadata=metadata)
@@ -186,6 +187,16 @@ def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _remove_dead_temps(folder: Path) -> None:
+    """Delete half-written cache files (``.<name>-<pid>-<random>.tmp``) of processes that died."""
+    from merging.checkpoint import process_alive
+
+    for temp in folder.glob(".*.tmp"):
+        pid = temp.name.rsplit(".", 1)[0].split("-")[-2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            temp.unlink(missing_ok=True)
 
 
 def _cached(path: Path) -> bool:

@@ -436,11 +436,12 @@ def remove_stale_partials(out_dir: Path) -> None:
         return
     for sibling in siblings:
         match = pattern.match(sibling.name)
-        if match and sibling.is_dir() and not _process_alive(int(match.group(1))):
+        if match and sibling.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours counts as alive)."""
     if pid == os.getpid():
         return True
     try:

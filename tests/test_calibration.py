@@ -281,3 +281,24 @@ def test_hosted_calibration_files_stay_inside_the_allowed_folders(tmp_path):
     for path in (str(outside), str(mine / ".." / "server-secret.txt"), "/etc/hostname", "../../../../etc/passwd"):
         with pytest.raises(SourceError, match="disabled on this hosted studio"):
             load_examples(path, 4, hosted)
+
+
+def test_a_killed_calibration_leaves_no_debris_after_the_next_run(llama_family):
+    """A cache file being written when its process died is removed by the next save; one being
+    written by a live process is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from merging.calibration import cache_dir
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    debris = cache_dir() / f".fisher-0123abcd-{dead.pid}-x1y2z3.tmp"
+    debris.write_bytes(b"half a file")
+    busy = cache_dir() / f".gram-4567cdef-{os.getpid()}-a1b2c3.tmp"
+    busy.write_bytes(b"being written")
+    calibrate("fisher", llama_family.finetuned[0], ["fresh text for a new cache entry"], CalibrationSettings(4, 16), device="cpu")
+    assert not debris.exists() and busy.exists()
+    busy.unlink()
