@@ -34,11 +34,15 @@ def test_a_killed_merge_leaves_nothing_and_the_next_run_cleans_up(tmp_path):
         assert process.poll() is None, "the merge ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.3))  # somewhere while tensors are written
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.05))  # early in the write (a merge takes ~0.5 s)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    assert not out.exists(), "a killed merge left an output folder"
-    assert [p for p in tmp_path.iterdir() if p.name.startswith(".merged.partial-")]  # only hidden debris
+    debris = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.partial-")]
+    if out.exists():  # the kill came after the final rename: then the output must be whole
+        assert not debris
+        assert len(load_file(str(out / "model.safetensors"))) > 0
+        pytest.skip("the merge finished before SIGKILL landed; its output is complete")
+    assert debris, "a killed merge should leave only its hidden partial folder"
 
     result = run_cli("merge", recipe, out, "--quiet")
     assert result.returncode == 0, result.stderr
