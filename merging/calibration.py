@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from merging.checkpoint import safetensors_files
 from merging.errors import MergeCancelled, RecipeError, SourceError
-from merging.sources import SourcePolicy
+from merging.sources import SourcePolicy, allowed_path
 
 CACHE_VERSION = "2"  # bump when the statistics' definition changes
 TOKENS_PER_BATCH = 4096  # Gram batches: padded tokens per forward pass
@@ -84,11 +84,8 @@ def _short(source) -> str:
 
 
 def _read_file(path: Path, policy: SourcePolicy, where: str) -> list[Example]:
-    if policy.hosted:
-        resolved = path.resolve()
-        roots = [root.resolve() for root in policy.allowed_roots]
-        if not any(root in resolved.parents for root in roots):
-            raise SourceError(f"{where}: reading files from the server is disabled on this hosted studio; upload the text instead")
+    if not allowed_path(path, policy):
+        raise SourceError(f"{where}: reading files from the server is disabled on this hosted studio; upload the text instead")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -130,9 +127,14 @@ def encode(tokenizer, example: Example, max_length: int) -> list[int]:
     elif getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(list(example), tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    else:  # no template: plain "role: content" lines
-        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in example))["input_ids"]
+    else:
+        ids = tokenizer(_transcript(example))["input_ids"]
     return list(ids)[:max_length]
+
+
+def _transcript(messages) -> str:
+    """A chat as plain "role: content" lines, for a tokenizer without a chat template."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def scored_from(tokenizer, example: Example, max_length: int) -> int:
@@ -146,7 +148,7 @@ def scored_from(tokenizer, example: Example, max_length: int) -> int:
         ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     else:
-        ids = tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in prompt))["input_ids"]
+        ids = tokenizer(_transcript(prompt))["input_ids"]
     return max(1, min(len(ids), max_length - 1))
 
 

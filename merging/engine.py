@@ -143,16 +143,47 @@ def _resolve_all(recipe: Recipe, resolve_one) -> _Inputs:
 
 def check_configs(models: _Inputs) -> None:
     """Architecture and vocabulary checks from config.json alone, before any weight is read."""
-    ref = models.reference
     for other in models.inputs:
-        if other.architecture != ref.architecture:
-            raise CheckpointError(
-                f"architectures differ: {ref.ref} is {ref.architecture} but {other.ref} is "
-                f"{other.architecture}; only models of the same architecture can be merged"
-            )
-        ours, theirs = ref.config.get("vocab_size"), other.config.get("vocab_size")
-        if ours is not None and theirs is not None and ours != theirs:
-            raise CheckpointError(vocabulary_message(ref.ref, ours, other.ref, theirs))
+        problem = config_mismatch(models.reference, other)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def config_mismatch(ref, other) -> str | None:
+    """Why ``other`` cannot be merged with ``ref`` judging by their configs, or None.
+
+    Both have ``.ref``, ``.architecture`` and ``.config`` (a ResolvedModel, or the studio's
+    model description), so the Models tab gives the engine's verdict word for word.
+    """
+    if other.architecture != ref.architecture:
+        return (
+            f"architectures differ: {ref.ref} is {ref.architecture} but {other.ref} is "
+            f"{other.architecture}; only models of the same architecture can be merged"
+        )
+    ours, theirs = ref.config.get("vocab_size"), other.config.get("vocab_size")
+    if ours is not None and theirs is not None and ours != theirs:
+        return vocabulary_message(ref.ref, ours, other.ref, theirs)
+    return None
+
+
+def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_shapes: dict) -> str | None:
+    """Why two checkpoints' tensors (name -> shape) cannot be merged: a tensor only ``other``
+    has, or a shape that differs; None when they fit. (Tensors only the reference has are
+    judged by the caller: the engine copies them when no input has them.)"""
+    stray = next((name for name in other_shapes if name not in ref_shapes), None)
+    if stray is not None:
+        return f"tensor {stray} is in {other_label} but not in {ref_label}; the checkpoints do not have the same layout"
+    for name, shape in ref_shapes.items():
+        theirs = other_shapes.get(name)
+        if theirs is None or tuple(theirs) == tuple(shape):
+            continue
+        if _is_vocabulary_tensor(name) and tuple(theirs[1:]) == tuple(shape[1:]):
+            return vocabulary_message(ref_label, shape[0], other_label, theirs[0])
+        return (
+            f"tensor {name} has shape {list(shape)} in {ref_label} but {list(theirs)} in {other_label}; "
+            "these models cannot be merged"
+        )
+    return None
 
 
 def vocabulary_message(ref_a: str, size_a, ref_b: str, size_b) -> str:
@@ -171,14 +202,11 @@ def plan_tensors(recipe: Recipe, models: _Inputs) -> list[TensorPlan]:
     num_layers = _layer_count(models.reference.config, ref_reader.names())
     input_readers = [(m, models.reader(m)) for m in models.inputs]
     names = ref_reader.names()
-    known = set(names)
+    ref_shapes = {name: ref_reader.info(name).shape for name in names}
     for model, reader in input_readers:
-        stray = [n for n in reader.names() if n not in known]
-        if stray:
-            raise CheckpointError(
-                f"tensor {stray[0]} is in {model.ref} but not in {models.reference.ref}; "
-                "the checkpoints do not have the same layout"
-            )
+        problem = layout_mismatch(models.reference.ref, ref_shapes, model.ref, {n: reader.info(n).shape for n in reader.names()})
+        if problem:
+            raise CheckpointError(problem)
     plans = []
     for name in names:
         info = ref_reader.info(name)
@@ -186,15 +214,6 @@ def plan_tensors(recipe: Recipe, models: _Inputs) -> list[TensorPlan]:
         if present and len(present) < len(input_readers):
             missing = next(m for m, r in input_readers if name not in r)
             raise CheckpointError(f"tensor {name} is missing from {missing.ref}; the checkpoints do not have the same layout")
-        for model, reader in present:
-            other = reader.info(name)
-            if other.shape != info.shape:
-                if _is_vocabulary_tensor(name) and other.shape[1:] == info.shape[1:]:
-                    raise CheckpointError(vocabulary_message(models.reference.ref, info.shape[0], model.ref, other.shape[0]))
-                raise CheckpointError(
-                    f"tensor {name} has shape {list(info.shape)} in {models.reference.ref} but "
-                    f"{list(other.shape)} in {model.ref}; these models cannot be merged"
-                )
         floating = info.dtype.is_floating_point
         merged = bool(present) and floating
         dtype = (out_dtype or info.dtype) if floating else info.dtype

@@ -86,15 +86,22 @@ def _looks_local(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or "\\" in ref or not HUB_ID.match(name)
 
 
+def allowed_path(path: Path, policy: SourcePolicy) -> bool:
+    """Whether ``policy`` lets a local path be read: always outside hosted mode; when hosted,
+    only at or below one of its allowed roots (after resolving links and '..')."""
+    if not policy.hosted:
+        return True
+    resolved = path.resolve()
+    roots = [root.resolve() for root in policy.allowed_roots]
+    return any(resolved == root or root in resolved.parents for root in roots)
+
+
 def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
-    if policy.hosted:
-        resolved = path.resolve()
-        roots = [root.resolve() for root in policy.allowed_roots]
-        if not any(resolved == root or root in resolved.parents for root in roots):
-            raise SourceError(
-                f"{ref!r}: local paths are disabled on this hosted studio; use a Hub id like 'org/name' "
-                "or one of the listed demo models"
-            )
+    if not allowed_path(path, policy):
+        raise SourceError(
+            f"{ref!r}: local paths are disabled on this hosted studio; use a Hub id like 'org/name' "
+            "or one of the listed demo models"
+        )
     if not path.exists():
         raise SourceError(
             f"model {ref!r} not found: no such folder, and it is not a Hub id of the form 'org/name'"
@@ -135,3 +142,15 @@ def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *
         else:
             raise SourceError(f"{ref!r} has a config.json but no weights (*.safetensors)")
     return config
+
+
+def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
+    """Bytes of the safetensors files of a Hub repo, from its file listing (nothing downloaded)."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:  # huggingface_hub raises many types; all mean "cannot ask the Hub"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"cannot look up {repo_id!r} on the Hugging Face Hub ({reason}); check the id") from None
+    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))

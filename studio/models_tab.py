@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from studio.common import UI, as_text, format_bytes, format_count, label_of, model_choices, session_hash, user_errors
-from studio.model_info import compatibility, describe
+from merging.model_info import compatibility, describe
 from studio.settings import Settings
 
 COLUMNS = ["role", "model", "architecture", "parameters", "dtype", "size on disk",

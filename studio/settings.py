@@ -42,7 +42,7 @@ from collections.abc import Mapping
 
 from merging.checkpoint import parse_size
 from merging.errors import MergeStudioError, SourceError
-from merging.sources import SourcePolicy, snapshot_download
+from merging.sources import SourcePolicy, hub_weights_bytes, snapshot_download
 
 DEFAULT_HOSTED_MAX_MODEL = "4GB"
 
@@ -203,18 +203,6 @@ class SizeLimitedDownload:
                     f"{self.max_bytes / 1e9:.1f} GB. Choose a smaller model, or run Merge Studio yourself"
                 )
         return snapshot_download(repo_id, revision, allow_patterns)
-
-
-def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
-    """Bytes of the safetensors files of a Hub repo, from its file listing (nothing downloaded)."""
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:  # huggingface_hub raises many types; all mean "cannot ask the Hub"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(f"cannot look up {repo_id!r} on the Hugging Face Hub ({reason}); check the id") from None
-    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
 
 
 def prune_sessions(settings: Settings, keep: Path | None = None) -> None:

@@ -1,4 +1,4 @@
-"""What the Models tab shows about a model, read without loading its weights.
+"""What a model is, read without loading its weights (the studio's Models tab shows it).
 
 - Local folders (and Hub models already downloaded): tensor names, shapes and dtypes from the
   safetensors headers (``merging.checkpoint.CheckpointReader``), sizes from the files.
@@ -7,8 +7,8 @@
   file sizes from the repo listing. Nothing large is downloaded to inspect a model.
 - Memory: accelerate's estimate, as ``accelerate estimate-memory`` makes it: the model built
   from its config on the meta device (no memory, no weights), measured per dtype.
-- Compatibility with the base: the checks the merge engine makes before merging
-  (architecture, vocabulary size, same tensor names and shapes), with the reason when not.
+- Compatibility with the base: the merge engine's own checks (``config_mismatch``,
+  ``layout_mismatch``) on what was read, so the verdict is the engine's message.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from merging.checkpoint import CheckpointReader, safetensors_files
-from merging.engine import vocabulary_message
+from merging.engine import config_mismatch, layout_mismatch
 from merging.errors import MergeStudioError, SourceError
-from merging.sources import HUB_ID, SourcePolicy, resolve_model, snapshot_download, split_revision
+from merging.sources import HUB_ID, SourcePolicy, hub_weights_bytes, resolve_model, snapshot_download, split_revision
 
 Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
 
@@ -69,21 +69,14 @@ def compatibility(base: ModelInfo, other: ModelInfo) -> tuple[bool, str]:
         return False, "the base model cannot be inspected (see its row)"
     if other.ref == base.ref:
         return True, "this is the base model"
-    if other.architecture != base.architecture:
-        return False, (f"architectures differ: the base is {base.architecture}, this is {other.architecture}; "
-                       "only models of the same architecture can be merged")
-    ours, theirs = base.config.get("vocab_size"), other.config.get("vocab_size")
-    if ours is not None and theirs is not None and ours != theirs:
-        return False, vocabulary_message(base.ref, ours, other.ref, theirs)
-    stray = next((name for name in other.tensors if name not in base.tensors), None)
-    if stray:
-        return False, f"tensor {stray} is not in the base; the checkpoints do not have the same layout"
+    problem = config_mismatch(base, other) or layout_mismatch(
+        base.ref, {n: shape for n, (shape, _) in base.tensors.items()},
+        other.ref, {n: shape for n, (shape, _) in other.tensors.items()})
+    if problem:
+        return False, problem
     missing = next((name for name in base.tensors if name not in other.tensors), None)
     if missing:
         return False, f"tensor {missing} of the base is missing here; the checkpoints do not have the same layout"
-    for name, (shape, _dtype) in base.tensors.items():
-        if other.tensors[name][0] != shape:
-            return False, f"tensor {name} has shape {list(other.tensors[name][0])} here but {list(shape)} in the base"
     note = "" if other.dtypes == base.dtypes else f" (stored as {', '.join(other.dtypes)}; merges compute in float32)"
     return True, "compatible: same architecture, vocabulary and tensor shapes" + note
 
@@ -128,8 +121,6 @@ def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
         for name, tensor in file.tensors.items():
             tensors[name] = (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
     try:
-        from studio.settings import hub_weights_bytes
-
         size = hub_weights_bytes(repo_id, revision)
     except MergeStudioError:
         size = None
@@ -148,10 +139,14 @@ def memory_estimate(config_json: str) -> dict[str, int]:
     from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from merging.evaluate import MODEL_LOAD_LOCK
+
     data = json.loads(config_json)
     try:
-        config = AutoConfig.for_model(**data)
-        with init_empty_weights():
+        # init_empty_weights patches module construction process-wide: a chat model loading
+        # in another thread meanwhile would be built on the meta device too.
+        with MODEL_LOAD_LOCK, init_empty_weights():
+            config = AutoConfig.for_model(**data)
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         model.tie_weights()
     except Exception:  # an architecture transformers does not know: no estimate, not an error
