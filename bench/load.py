@@ -1,18 +1,18 @@
 #!/usr/bin/env python
-"""Load: N concurrent users of a launched studio, mixing chat streams and merges, for a bounded time.
+"""Load: N concurrent users of a launched studio, mixing chat streams, merges and redundancy
+statistics, for a bounded time.
 
 Each user is its own ``gradio_client`` session (its own session hash, as separate browsers
-are). User 0 waits the first third of the time (chats alone, the baseline), then merges again
-and again through ``/merge_recipe``; the others stream answers through ``/generate`` and time
-the first token. Reported: completed requests, errors (there
-should be none), first-token latency p50/p95 (overall and while a merge was running), merges
-finished, whether every merge landed in its own session's folder, and the server's peak RSS.
+are). Users 0 and 1 wait the first third of the time (chats alone, the baseline), then user 0
+merges again and again through ``/merge_recipe`` and user 1 measures the redundancy statistics
+again and again through ``/redundancy`` (both in the heavy queue, one at a time); the others
+stream answers through ``/generate`` and time the first token. Reported: completed requests,
+errors (there should be none), first-token latency p50/p95 (overall and while heavy work was
+running), merges and statistics finished, whether every merge landed in its own session's
+folder, and the server's peak RSS.
 
     python bench/load.py                      # the demo family, 8 users, 60 s
     python bench/load.py --users 8 --seconds 30 --tiny   # a tiny random family (fast)
-
-The redundancy statistics have no API endpoint (only the UI runs them), so they are not part
-of the mix; they share the heavy queue with merges.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class LoadReport:
     seconds: float
     chats: int = 0
     merges: int = 0
+    statistics: int = 0
     errors: list[str] = field(default_factory=list)
     first_token_s: list[float] = field(default_factory=list)
     first_token_during_merge_s: list[float] = field(default_factory=list)
@@ -56,12 +57,13 @@ class LoadReport:
 
         return {
             "users": self.users, "seconds": self.seconds, "chats": self.chats, "merges": self.merges,
+            "redundancy_runs": self.statistics,
             "errors": len(self.errors), "first_errors": self.errors[:3],
             "first_token_p50_s": pct(self.first_token_s, 50), "first_token_p95_s": pct(self.first_token_s, 95),
             "first_token_without_merges_p50_s": pct(self.first_token_alone_s, 50),
-            "first_token_during_merge_p50_s": pct(self.first_token_during_merge_s, 50),
-            "first_token_during_merge_p95_s": pct(self.first_token_during_merge_s, 95),
-            "chats_during_merges": len(self.first_token_during_merge_s),
+            "first_token_during_heavy_p50_s": pct(self.first_token_during_merge_s, 50),
+            "first_token_during_heavy_p95_s": pct(self.first_token_during_merge_s, 95),
+            "chats_during_heavy_work": len(self.first_token_during_merge_s),
             "merge_folders_distinct": len(set(self.merge_outputs)) == len(self.merge_outputs),
             "peak_rss_gb": self.peak_rss_gb,
         }
@@ -73,28 +75,49 @@ def run_load(url: str, users: int = 8, seconds: float = 60.0, max_new_tokens: in
 
     report = LoadReport(users, seconds)
     lock = threading.Lock()
-    merging = threading.Event()
+    in_flight = [0]  # heavy requests (merges, statistics) in flight
     stop_at = time.monotonic() + seconds
 
-    def merger() -> None:
+    def during_heavy() -> bool:
+        with lock:
+            return in_flight[0] > 0
+
+    def heavy_user(name: str, request, record) -> None:
         client = Client(url, verbose=False)
         models = client.predict(api_name="/list_models")
-        base, sources = models["base"], [ref for name, ref in models.items() if name != "base"]
-        recipe = f"merge_method: ties\nbase_model: {base}\nmodels:\n" + "".join(
-            f"  - model: {ref}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for ref in sources[:2])
+        base, sources = models["base"], [ref for label, ref in models.items() if label != "base"]
         time.sleep(seconds / 3)  # the baseline: chats alone
         while time.monotonic() < stop_at:
-            merging.set()
+            with lock:
+                in_flight[0] += 1
             try:
-                summary = client.predict(recipe, api_name="/merge_recipe")
+                result = request(client, base, sources)
                 with lock:
-                    report.merges += 1
-                    report.merge_outputs.append(summary["output"])
+                    record(result)
             except Exception as exc:  # every failure counts as an error in the report
                 with lock:
-                    report.errors.append(f"merge: {type(exc).__name__}: {exc}")
+                    report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
             finally:
-                merging.clear()
+                with lock:
+                    in_flight[0] -= 1
+
+    def merge(client, base, sources) -> dict:
+        recipe = f"merge_method: ties\nbase_model: {base}\nmodels:\n" + "".join(
+            f"  - model: {ref}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for ref in sources[:2])
+        return client.predict(recipe, api_name="/merge_recipe")
+
+    def merged(summary: dict) -> None:
+        report.merges += 1
+        report.merge_outputs.append(summary["output"])
+
+    def measure(client, base, sources) -> dict:
+        stats = client.predict(base, sources, 0.2, api_name="/redundancy")
+        if list(stats["models"].values()) != sources:
+            raise AssertionError(f"statistics of {list(stats['models'].values())}, asked for {sources}")
+        return stats
+
+    def measured(_stats: dict) -> None:
+        report.statistics += 1
 
     def chatter(index: int) -> None:
         client = Client(url, verbose=False)
@@ -104,7 +127,7 @@ def run_load(url: str, users: int = 8, seconds: float = 60.0, max_new_tokens: in
         while time.monotonic() < stop_at:
             ref, prompt = refs[(index + turn) % len(refs)], PROMPTS[(index + turn) % len(PROMPTS)]
             turn += 1
-            during_merge = merging.is_set()
+            during_merge = during_heavy()
             started = time.monotonic()
             first = None
             try:
@@ -119,14 +142,15 @@ def run_load(url: str, users: int = 8, seconds: float = 60.0, max_new_tokens: in
                         report.first_token_s.append(first)
                         if during_merge:
                             report.first_token_during_merge_s.append(first)
-                        elif not report.merges and not merging.is_set():
+                        elif not report.merges and not report.statistics and not during_heavy():
                             report.first_token_alone_s.append(first)
             except Exception as exc:
                 with lock:
                     report.errors.append(f"chat: {type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=merger, name="user-0-merges")]
-    threads += [threading.Thread(target=chatter, args=(i,), name=f"user-{i}-chats") for i in range(1, users)]
+    threads = [threading.Thread(target=heavy_user, args=("merge", merge, merged), name="user-0-merges"),
+               threading.Thread(target=heavy_user, args=("redundancy", measure, measured), name="user-1-statistics")]
+    threads += [threading.Thread(target=chatter, args=(i,), name=f"user-{i}-chats") for i in range(2, users)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,4 +1,5 @@
-"""Named API endpoints for scripting with ``gradio_client`` (no UI): merge_recipe, generate, list_models.
+"""Named API endpoints for scripting with ``gradio_client`` (no UI): merge_recipe, generate, redundancy,
+list_models.
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
@@ -15,6 +16,7 @@ from chat import ModelPool
 from chat import generate as stream_answer
 from studio.common import CHAT, HEAVY, user_errors
 from studio.merge_tab import merge_into_session
+from studio.redundancy_tab import measure_session
 from studio.settings import Settings
 
 
@@ -44,6 +46,21 @@ def register(settings: Settings, pool: ModelPool) -> None:
             text += chunk
             yield text
 
+    def redundancy(base: str, sources: list[str], density: float = 0.2, request: gr.Request = None) -> dict:
+        """The redundancy statistics of the sources' task vectors on ``base`` (as the Redundancy tab).
+
+        Returns the whole-model and per-layer figures: {"base", "models" {label: reference},
+        "density", "device", "seconds", "model", "layers", "definitions"}, where "model" and
+        each layer hold per-label "deltas" (norm, relative_norm, quantiles, energy_top, ...),
+        "conflicts" (sign-conflict rates before and after TIES trimming to ``density``) and
+        "cosine" (label -> label). Per-tensor figures and the histogram are left out.
+        """
+        stats = measure_session(settings, base, list(sources or []), density, getattr(request, "session_hash", None))
+        summary = stats.to_dict()
+        for detail in ("tensors", "histogram"):
+            summary.pop(detail)
+        return summary
+
     def list_models() -> dict:
         """The models this studio offers by name (the demo family, or its configured list): {name: reference}."""
         return settings.family()
@@ -51,4 +68,6 @@ def register(settings: Settings, pool: ModelPool) -> None:
     gr.api(user_errors(merge_recipe), api_name="merge_recipe", concurrency_id=HEAVY,
            concurrency_limit=settings.heavy_concurrency)
     gr.api(user_errors(generate), api_name="generate", concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency)
+    gr.api(user_errors(redundancy), api_name="redundancy", concurrency_id=HEAVY,
+           concurrency_limit=settings.heavy_concurrency)
     gr.api(list_models, api_name="list_models", queue=False)

@@ -63,14 +63,10 @@ def build(settings: Settings, models) -> None:
     @user_errors
     def run_stats(base: str, sources: list[str], trim: float, stop_signal: StopSignal, request: gr.Request,
                   progress=gr.Progress()):
-        if not base or not sources:
-            raise MergeStudioError("choose a base and at least one source model in the Models tab")
-        labels = model_labels([label_of(settings, ref) for ref in sources])
         progress(0, desc="opening the models")
         try:
-            stats = delta_statistics(
-                base, sources, density=trim, device=settings.device, policy=settings.policy(session_hash(request)),
-                labels=labels, threads=1, resolver=settings.resolver(), cancel=stop_signal.fresh(),
+            stats = measure_session(
+                settings, base, sources, trim, session_hash(request), cancel=stop_signal.fresh(),
                 progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
             )
         except MergeCancelled:
@@ -124,6 +120,22 @@ def build(settings: Settings, models) -> None:
     stop.click(lambda s: s.event.set(), [signal], None, **INSTANT)
     report_button.click(make_report, [stats_state, sweep_state], [report_file], **UI)
     models.sources.change(sources_changed, [models.sources, swept], [swept], **INSTANT)
+
+
+def measure_session(settings: Settings, base: str, sources: list[str], density: float, hash_: str | None, *,
+                    cancel=None, progress=None) -> RedundancyStats:
+    """The redundancy statistics of ``sources`` on ``base`` as one session may compute them: under
+    its policy (hosted: the offered models, Hub ids and its own merges only), labelled as the pickers
+    name them, on one CPU thread (the pass is many small ops; see ``delta_statistics``)."""
+    if not base or not sources:
+        raise MergeStudioError("choose a base and at least one source model in the Models tab")
+    if not isinstance(base, str) or isinstance(sources, str) or not all(isinstance(ref, str) for ref in sources):
+        raise MergeStudioError("give the base as a model reference and the sources as a list of model references")
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise MergeStudioError(f"density must be a number in (0, 1], got {density!r}")
+    labels = model_labels([label_of(settings, ref) for ref in sources])
+    return delta_statistics(base, sources, density=density, device=settings.device, policy=settings.policy(hash_),
+                            labels=labels, threads=1, resolver=settings.resolver(), cancel=cancel, progress=progress)
 
 
 def _findings(stats: RedundancyStats) -> str:

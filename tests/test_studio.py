@@ -85,7 +85,7 @@ def ties_recipe(fam, density: float = 0.5) -> str:
 def test_api_lists_only_the_named_endpoints(studio):
     _settings, _url, client = studio
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/merge_recipe", "/generate", "/list_models"}
+    assert set(endpoints) == {"/merge_recipe", "/generate", "/redundancy", "/list_models"}
     assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == [
         "model", "prompt", "temperature", "top_p", "max_new_tokens", "seed"]
 
@@ -140,6 +140,20 @@ def test_list_models(studio, tiny):
         "base": str(tiny.base), "expert-a": str(tiny.finetuned[0]), "expert-b": str(tiny.finetuned[1])}
 
 
+def test_redundancy_endpoint_measures_the_task_vectors_by_name(studio, tiny):
+    _settings, _url, client = studio
+    stats = client.predict(str(tiny.base), [str(m) for m in tiny.finetuned], 0.3, api_name="/redundancy")
+    assert list(stats["models"]) == ["expert-a", "expert-b"]  # named as the pickers name them
+    assert stats["density"] == 0.3 and "tensors" not in stats
+    model = stats["model"]
+    assert 0 < model["deltas"]["expert-a"]["relative_norm"] < 1
+    assert model["conflicts"]["trimmed_eligible"] < model["conflicts"]["eligible"]
+    assert -1 <= model["cosine"]["expert-a"]["expert-b"] <= 1
+    assert [layer["name"] for layer in stats["layers"]][:2] == ["embeddings", "layer 0"]
+    with pytest.raises(AppError, match="density must be a number"):
+        client.predict(str(tiny.base), [str(tiny.finetuned[0])], "dense", api_name="/redundancy")
+
+
 def test_hosted_mode_refuses_local_paths(hosted_client, tmp_path):
     outside = tmp_path / "elsewhere"
     recipe = f"merge_method: linear\nmodels:\n  - model: {outside}\n  - model: /etc\n"
@@ -147,6 +161,8 @@ def test_hosted_mode_refuses_local_paths(hosted_client, tmp_path):
         hosted_client.predict(recipe, api_name="/merge_recipe")
     with pytest.raises(AppError, match="local paths are disabled"):
         hosted_client.predict("/etc", "hi", 0.0, 0.9, 4, 0, api_name="/generate")
+    with pytest.raises(AppError, match="local paths are disabled"):
+        hosted_client.predict("/etc", ["../../etc"], 0.2, api_name="/redundancy")
 
 
 def test_hosted_mode_still_merges_the_offered_models(hosted_client, tiny):
