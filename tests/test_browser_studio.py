@@ -9,6 +9,7 @@ the Redundancy tab draws its Plotly figures. Screenshots go to the test's tmp fo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -26,7 +27,8 @@ def page(tiny_settings, tmp_path_factory):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
     mp = pytest.MonkeyPatch()
-    mp.setenv("MERGE_STUDIO_VOTES", str(tmp_path_factory.mktemp("votes") / "votes.jsonl"))
+    votes = tmp_path_factory.mktemp("votes") / "votes.jsonl"
+    mp.setenv("MERGE_STUDIO_VOTES", str(votes))
     demo, url = launch(tiny_settings)
     errors: list[str] = []
     with sync_playwright() as playwright:
@@ -36,6 +38,7 @@ def page(tiny_settings, tmp_path_factory):  # noqa: F811
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(url)
         page.errors = errors
+        page.votes = votes
         yield page
         browser.close()
     demo.close()
@@ -102,4 +105,56 @@ def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
     assert page.locator(".js-plotly-plot").count() == 5
     page.get_by_text("Measured 20 tensors of 2 model(s)").wait_for()
     shot(page, tmp_path, "redundancy")
+    assert not page.errors, page.errors
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
+def test_blind_ab_vote_is_recorded_and_reveals_the_models(page, tiny, tmp_path):  # noqa: F811
+    from playwright.sync_api import expect
+
+    names = {str(tiny.base): "base (base)", str(tiny.finetuned[1]): "expert-b"}
+    page.get_by_role("tab", name="Chat").click()
+    expect(page.get_by_label("Panel 1 model")).to_have_value("base (base)")
+    page.get_by_label("Panel 2 model").click()
+    page.get_by_role("option", name="expert-b", exact=True).click()
+    max_new_tokens = page.get_by_label("number input for max new tokens")
+    if not max_new_tokens.is_visible():  # the accordion is open if the walk above ran first
+        page.get_by_text("Sampling (shared by every panel)").click()
+    max_new_tokens.fill("24")
+    max_new_tokens.press("Enter")
+
+    # Blind: the pickers go, the panels become Model A and Model B, and the vote buttons appear.
+    page.get_by_label("Blind A/B").check()
+    expect(page.get_by_role("button", name="A is better")).to_be_visible()
+    expect(page.get_by_label("Panel 1 model")).to_be_hidden()
+    labels = page.get_by_test_id("block-label").filter(visible=True)
+    expect(labels).to_have_text(["Model A", "Model B"])
+    prompt = "which of you is better?"
+    page.get_by_placeholder("Type a message").fill(prompt)
+    page.get_by_role("button", name="Send").click()
+    page.get_by_text(re.compile(r"Done in [\d.]+ s\. Which answer is better\?")).wait_for()
+    answers = page.get_by_test_id("bot").filter(visible=True)
+    expect(answers).to_have_count(2)
+    assert all(text.strip() for text in answers.all_inner_texts())
+    expect(labels).to_have_text(["Model A", "Model B"])  # still anonymous after answering
+    assert not page.get_by_text(re.compile("expert-b|base \\(base\\)")).filter(visible=True).count()
+    assert not page.votes.exists(), "nothing is recorded before the vote"
+    shot(page, tmp_path, "blind-ab")
+
+    # The vote is appended to the votes file, then the models are named.
+    page.get_by_role("button", name="B is better").click()
+    reveal = page.get_by_text(re.compile(r"Your vote \(B is better\) is recorded"))
+    reveal.wait_for()
+    shown = re.search(r"Model A was (.+), Model B was (.+)\. Your vote", reveal.inner_text())
+    assert shown and set(shown.groups()) == set(names.values()), reveal.inner_text()
+    expect(labels).to_have_text([f"Model A: {shown[1]}", f"Model B: {shown[2]}"])
+    votes = [json.loads(line) for line in page.votes.read_text().splitlines()]
+    assert len(votes) == 1, votes
+    vote = votes[0]
+    assert (names[vote["model_a"]], names[vote["model_b"]]) == shown.groups()
+    assert vote["choice"] == "B" and vote["winner"] == vote["model_b"]
+    for side in ("conversation_a", "conversation_b"):
+        assert [m["role"] for m in vote[side]] == ["user", "assistant"], vote[side]
+        assert vote[side][0]["content"] == prompt and vote[side][1]["content"].strip()
+    shot(page, tmp_path, "blind-ab-voted")
     assert not page.errors, page.errors
