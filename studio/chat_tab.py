@@ -17,7 +17,7 @@ import gradio as gr
 
 from chat import ABSession, ModelPool, SamplingParams, check_message, stream_many
 from merging.errors import MergeStudioError
-from studio.common import CHAT, INSTANT, UI, as_text, label_of, model_choices, user_errors
+from studio.common import CHAT, INSTANT, UI, as_text, label_of, model_choices, stop_button, stoppable, user_errors
 from studio.settings import Settings, StopSignal
 
 PANELS = 4
@@ -141,7 +141,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
     def on_send(text, n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal):
         params = SamplingParams(temp, p, int(max_new), int(seed_value or 0))
         text = check_message(text)
-        yield from respond(text, int(n), is_blind, [m1, m2, m3, m4], convs, ab, params, stop_signal.fresh())
+        yield from respond(text, int(n), is_blind, [m1, m2, m3, m4], convs, ab, params, stop_signal.event)
 
     @user_errors
     def on_regenerate(n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal):
@@ -150,7 +150,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
         if is_blind:
             if ab is None or ab.voted:
                 raise MergeStudioError("nothing to regenerate yet; send a message first")
-            yield from respond("", n, True, [m1, m2, m3, m4], convs, ab, params, stop_signal.fresh(), again=True)
+            yield from respond("", n, True, [m1, m2, m3, m4], convs, ab, params, stop_signal.event, again=True)
             return
         last = next((m["content"] for c in convs[:n] for m in reversed(c) if m["role"] == "user"), None)
         if last is None:
@@ -163,7 +163,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
             if c and c[-1]["role"] == "user":
                 c.pop()
             trimmed.append(c)
-        yield from respond(last, n, False, [m1, m2, m3, m4], trimmed[:n] + convs[n:], None, params, stop_signal.fresh())
+        yield from respond(last, n, False, [m1, m2, m3, m4], trimmed[:n] + convs[n:], None, params, stop_signal.event)
 
     def on_clear():
         return ("", *[[] for _ in range(PANELS)], _empty(), None, "", "")
@@ -196,9 +196,11 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
     outputs = [message, *chatbots, conversations, ab_state, status]
     common = dict(concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency, show_progress="hidden", **UI)
     for trigger in (send.click, message.submit):
-        trigger(on_send, [message, count, blind, *refs, conversations, ab_state, *sampling], outputs, **common)
-    regenerate.click(on_regenerate, [count, blind, *refs, conversations, ab_state, *sampling], outputs, **common)
-    stop.click(lambda s: s.event.set(), [signal], None, **INSTANT)
+        stoppable(trigger, signal, on_send, [message, count, blind, *refs, conversations, ab_state, *sampling], outputs,
+                  **common)
+    stoppable(regenerate.click, signal, on_regenerate, [count, blind, *refs, conversations, ab_state, *sampling], outputs,
+              **common)
+    stop_button(stop, signal)
     clear.click(on_clear, None, [message, *chatbots, conversations, ab_state, status, reveal], **INSTANT)
     layout_outputs = [*[p.column for p in panels], *refs, *chatbots, vote_row, conversations, ab_state, reveal]
     count.change(lambda n, is_blind: [gr.Column(visible=i < (2 if is_blind else int(n))) for i in range(PANELS)],

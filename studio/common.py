@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from merging.errors import MergeStudioError
-from studio.settings import Settings
+from studio.settings import Settings, StopSignal
 
 log = logging.getLogger("merge_studio")
 
@@ -57,6 +57,21 @@ def user_errors(fn):
             raise _user_error(exc) from None
 
     return function
+
+
+def stoppable(trigger, signal: gr.State, fn, inputs: list, outputs: list, **kwargs):
+    """Wire ``trigger`` (a button's ``.click``, a textbox's ``.submit``) to run ``fn`` with a Stop.
+
+    The session's ``StopSignal`` in ``signal`` is cleared at the click, by an unqueued step, and
+    only then is ``fn`` queued: ``fn`` reads ``signal.event`` as its cancel flag. Clearing it when
+    the job starts instead would forget a Stop pressed while the job waited in the queue.
+    """
+    return trigger(StopSignal.reset, [signal], None, **INSTANT).then(fn, inputs, outputs, **kwargs)
+
+
+def stop_button(button: gr.Button, signal: gr.State) -> None:
+    """``button`` stops this session's run wired with ``stoppable`` at once, queued or running."""
+    button.click(StopSignal.stop, [signal], None, **INSTANT)
 
 
 def session_dir(settings: Settings, request: gr.Request | None) -> Path:

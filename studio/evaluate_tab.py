@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 from merging.errors import Cancelled, MergeStudioError
 from merging.evaluate import evaluate, load_suite
 from merging.sources import resolve_model
-from studio.common import HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash, user_errors
+from studio.common import (HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash,
+                           stop_button as stop_on, stoppable, user_errors)
 from studio.settings import Settings, StopSignal
 
 SUITES = {"demo tasks (held-out questions of the demo experts)": "zoo", "uploaded JSONL": "upload",
@@ -78,7 +79,7 @@ def build(settings: Settings, results: gr.State) -> None:
     @user_errors
     def run_eval(refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None, text: str,
                  done: list, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
-        cancel = signal.fresh()
+        cancel = signal.event
         if not refs:
             raise MergeStudioError("tick at least one model to evaluate")
         choice = SUITES[suite_name]
@@ -109,8 +110,8 @@ def build(settings: Settings, results: gr.State) -> None:
             reports.append((label, report.summary()))
         return (f"{len(reports)} models measured.", *table_and_chart(reports))
 
-    run.click(run_eval, [models, suite, suite_file, text_file, pasted, results, stop], [status, table, chart],
-              concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
-    stop_button.click(lambda signal: signal.event.set(), [stop], None, **INSTANT)
+    stoppable(run.click, stop, run_eval, [models, suite, suite_file, text_file, pasted, results, stop],
+              [status, table, chart], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
+    stop_on(stop_button, stop)
     results.change(lambda done, value: gr.CheckboxGroup(choices=model_choices(settings, done), value=value),
                    [results, models], [models], **INSTANT)

@@ -13,7 +13,7 @@ from merging.errors import MergeCancelled
 from merging.methods import Param
 from merging.zoo.tasks import TASKS
 from studio import recipe_form as form
-from studio.common import HEAVY, INSTANT, UI, as_text, format_bytes, label_of, read_upload, session_dir, session_hash, user_errors
+from studio.common import HEAVY, INSTANT, UI, as_text, format_bytes, label_of, read_upload, session_dir, session_hash, stop_button as stop_on, stoppable, user_errors
 from studio.settings import Settings, StopSignal, prune_sessions
 
 MAX_RECIPE_BYTES = 1_000_000
@@ -208,7 +208,7 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
 
     @user_errors
     def run_merge(text: str, done: list, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
-        cancel = signal.fresh()
+        cancel = signal.event
         progress(0, desc="checking the models")
 
         def on_tensor(count: int, total: int, name: str):
@@ -237,9 +237,9 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
                     **quick)
     yaml_code.blur(left, [yaml_code, recipe, layout], [layout], **quick)
     upload.upload(load_file, [upload, layout], [*edit_outputs, layout, *header], **UI)
-    run.click(run_merge, [yaml_code, results, stop], [summary, results], concurrency_id=HEAVY,
+    stoppable(run.click, stop, run_merge, [yaml_code, results, stop], [summary, results], concurrency_id=HEAVY,
               concurrency_limit=settings.heavy_concurrency, **UI)
-    stop_button.click(lambda signal: signal.event.set(), [stop], None, **INSTANT)
+    stop_on(stop_button, stop)
     return MergeTab(results)
 
 

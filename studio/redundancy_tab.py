@@ -6,7 +6,7 @@ import gradio as gr
 
 from merging.errors import MergeCancelled, MergeStudioError
 from merging.sources import SourcePolicy
-from studio.common import HEAVY, INSTANT, UI, download_dir, label_of, read_upload, session_dir, session_hash, user_errors
+from studio.common import HEAVY, INSTANT, UI, download_dir, label_of, read_upload, session_dir, session_hash, stop_button, stoppable, user_errors
 from studio.settings import Settings, StopSignal
 from viz import figures as viz_figures
 from viz.report import EXPLANATIONS, write_report
@@ -66,7 +66,7 @@ def build(settings: Settings, models) -> None:
         progress(0, desc="opening the models")
         try:
             stats = measure_session(
-                settings, base, sources, trim, session_hash(request), cancel=stop_signal.fresh(),
+                settings, base, sources, trim, session_hash(request), cancel=stop_signal.event,
                 progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
             )
         except MergeCancelled:
@@ -93,7 +93,7 @@ def build(settings: Settings, models) -> None:
             result = dare_sweep(
                 base_folder, source_folder, suite=tasks, text=text or None, device=settings.device, policy=SourcePolicy(),
                 label=label_of(settings, source), workdir=session_dir(settings, request) / "sweeps",
-                cancel=stop_signal.fresh(),
+                cancel=stop_signal.event,
                 progress=lambda done, total, what: progress((done, total), desc=what, unit="models"),
             )
         except MergeCancelled:
@@ -113,11 +113,11 @@ def build(settings: Settings, models) -> None:
         return gr.Dropdown(choices=options, value=value)
 
     heavy = dict(concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
-    compute.click(run_stats, [models.base, models.sources, density, signal],
-                  [stats_state, *plots.values(), findings], **heavy)
-    sweep_button.click(run_sweep, [models.base, swept, suite, suite_file, text_file, stats_state, signal],
-                       [sweep_state, sweep_summary, sweep_plot], **heavy)
-    stop.click(lambda s: s.event.set(), [signal], None, **INSTANT)
+    stoppable(compute.click, signal, run_stats, [models.base, models.sources, density, signal],
+              [stats_state, *plots.values(), findings], **heavy)
+    stoppable(sweep_button.click, signal, run_sweep, [models.base, swept, suite, suite_file, text_file, stats_state, signal],
+              [sweep_state, sweep_summary, sweep_plot], **heavy)
+    stop_button(stop, signal)
     report_button.click(make_report, [stats_state, sweep_state], [report_file], **UI)
     models.sources.change(sources_changed, [models.sources, swept], [swept], **INSTANT)
 

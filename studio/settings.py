@@ -224,7 +224,9 @@ class StopSignal:
 
     Gradio deep-copies a State's initial value for each session; a copy is a fresh signal, so
     every session gets its own ``threading.Event``. The running event and the Stop click see
-    the same object (State values are passed by reference).
+    the same object (State values are passed by reference). The flag is cleared when the user
+    starts a run (``studio.common.stoppable``), not when the job leaves the queue, so a Stop
+    pressed while the job waits behind other users' work still cancels it.
     """
 
     def __init__(self):
@@ -233,10 +235,11 @@ class StopSignal:
     def __deepcopy__(self, memo) -> StopSignal:
         return StopSignal()
 
-    def fresh(self) -> threading.Event:
-        """Clear and return the event for a new run."""
+    def reset(self) -> None:
         self.event.clear()
-        return self.event
+
+    def stop(self) -> None:
+        self.event.set()
 
 
 __all__ = ["Settings", "SizeLimitedDownload", "StopSignal", "parse_models", "prune_sessions"]
