@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import os
+import random
 import threading
 import time
 import weakref
@@ -167,6 +168,10 @@ def load_for_chat(folder: Path, device: torch.device, dtype: torch.dtype, *, all
     return model.eval(), tokenizer
 
 
+class _NoRoomNow(MergeStudioError):
+    """The models held right now leave no room (a later try may succeed)."""
+
+
 @dataclass(eq=False)
 class _Entry:
     """One loaded copy of a model, shared by every lease on it."""
@@ -275,7 +280,10 @@ class ModelPool:
         self.policy = policy
         self.wait_s = wait_s
         self._download = download
-        self._lock = threading.Lock()
+        # Re-entrant: a handle dropped without release() is released by its finalizer, which the
+        # cyclic garbage collector may run at any allocation, including one made while this
+        # thread holds the lock; a plain Lock would then deadlock the pool for every user.
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a lease was released or a load finished
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._retired: list[_Entry] = []  # stale versions still leased
@@ -308,19 +316,15 @@ class ModelPool:
         model can never fit the budget (before loading, with both numbers), or if the models
         held right now leave no room for it within ``wait_s``.
         """
-        folder = self._resolve(ref)
-        key = (str(folder), weights_fingerprint(folder))
-        with self._load_lock(key):
-            entry = self._lease_loaded(key)
-            if entry is None:
-                entry = self._load(key, ref, folder)
-        return ModelHandle(self, entry, ref)
+        return self._get(ref, self.wait_s)
 
     def get_many(self, refs: list[str]) -> list[ModelHandle]:
         """Leases on several models used together (the chat panels), or none at all.
 
         Refused up front, with the numbers, when together they exceed the budget, so a request
-        for four panels never evicts and reloads its own models in turn.
+        for four panels never evicts and reloads its own models in turn. While waiting for room
+        it holds none of them: two users who each held one model of their set and waited for the
+        other's to go would otherwise block each other until one timed out.
         """
         folders = {str(self._resolve(ref)): ref for ref in refs}
         if len(folders) > 1:
@@ -332,15 +336,25 @@ class ModelPool:
                     f"these {len(sizes)} models need about {format_bytes(total)} together ({listing}) but the "
                     f"chat memory budget is {format_bytes(self.budget_bytes)}; compare fewer or smaller models"
                 )
-        handles: list[ModelHandle] = []
-        try:
-            for ref in refs:
-                handles.append(self.get(ref))
-        except BaseException:
-            for handle in handles:
-                handle.release()
-            raise
-        return handles
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            handles: list[ModelHandle] = []
+            try:
+                for ref in refs:
+                    handles.append(self._get(ref, wait_s=0.0))
+                return handles
+            except _NoRoomNow:
+                for handle in handles:
+                    handle.release()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                with self._lock:  # until a lease is released or a load finishes; jittered, so two retry apart
+                    self._changed.wait(min(remaining, random.uniform(0.05, 0.5)))
+            except BaseException:
+                for handle in handles:
+                    handle.release()
+                raise
 
     def clear(self) -> None:
         """Unload every model nobody holds."""
@@ -351,6 +365,15 @@ class ModelPool:
         self._free(victims)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _get(self, ref: str, wait_s: float) -> ModelHandle:
+        folder = self._resolve(ref)
+        key = (str(folder), weights_fingerprint(folder))
+        with self._load_lock(key):
+            entry = self._lease_loaded(key)
+            if entry is None:
+                entry = self._load(key, ref, folder, wait_s)
+        return ModelHandle(self, entry, ref)
 
     def _used(self) -> int:
         return sum(e.nbytes for e in self._entries.values()) + sum(e.nbytes for e in self._retired) + self._reserved
@@ -387,7 +410,7 @@ class ModelPool:
         self._free(stale)
         return entry
 
-    def _load(self, key: Key, ref: str, folder: Path) -> _Entry:
+    def _load(self, key: Key, ref: str, folder: Path, wait_s: float) -> _Entry:
         need = estimate_bytes(folder, self.dtype, allow_pickle=self.policy.allow_pickle)
         dtype_name = str(self.dtype).removeprefix("torch.")
         if need > self.budget_bytes:
@@ -396,7 +419,7 @@ class ModelPool:
                 f"{self.device.type}) but the chat memory budget is {format_bytes(self.budget_bytes)}, so it "
                 f"can never be loaded here; choose a smaller model or raise the budget ({BUDGET_ENV})"
             )
-        self._free(self._make_room(ref, need))
+        self._free(self._make_room(ref, need, wait_s))
         try:
             model, tokenizer = load_for_chat(folder, self.device, self.dtype, allow_pickle=self.policy.allow_pickle)
         except BaseException:
@@ -415,9 +438,10 @@ class ModelPool:
         self._free(victims)
         return entry
 
-    def _make_room(self, ref: str, need: int) -> list[_Entry]:
-        """Reserve ``need`` bytes, evicting unheld models (least recently used first); returns them to free."""
-        deadline = time.monotonic() + self.wait_s
+    def _make_room(self, ref: str, need: int, wait_s: float) -> list[_Entry]:
+        """Reserve ``need`` bytes, evicting unheld models (least recently used first); returns them to free.
+        Raises ``_NoRoomNow`` if the models held leave no room within ``wait_s``."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
             while True:
                 unheld = sum(e.nbytes for e in self._entries.values() if e.leases == 0)
@@ -427,7 +451,7 @@ class ModelPool:
                     return victims
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MergeStudioError(self._busy_message(ref, need))
+                    raise _NoRoomNow(self._busy_message(ref, need))
                 self._changed.wait(remaining)
 
     def _pop_unleased_until(self, target: int) -> list[_Entry]:

@@ -164,3 +164,68 @@ def test_a_hub_model_is_downloaded_once_per_pool(models, tmp_path, monkeypatch):
     with pool.get("some-org/chat-model@main") as first, pool.get("some-org/chat-model@main") as second:
         assert first.model is second.model and first.ref == "some-org/chat-model@main"
     assert asked == [("some-org/chat-model", "main")] and pool.loads == 1
+
+
+def test_two_users_whose_panel_sets_cross_both_get_them(models, monkeypatch):
+    """Room for two models; one user wants (a, b), another (c, d), at once. Holding one model
+    while waiting for room for the next would leave each waiting on the other until one failed."""
+    import chat.pool
+
+    refs, size = models
+    real_load = chat.pool.load_for_chat
+
+    def slow_load(*args, **kwargs):  # a real load, made slow enough that the two requests overlap
+        time.sleep(0.3)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(chat.pool, "load_for_chat", slow_load)
+    pool = ModelPool(int(2.5 * size), "cpu", wait_s=20)
+    start, results = threading.Barrier(2), {}
+
+    def user(name, wanted):
+        start.wait()
+        try:
+            handles = pool.get_many(wanted)
+            results[name] = [h.ref for h in handles]
+            time.sleep(0.2)
+            for handle in handles:
+                handle.release()
+        except MergeStudioError as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=user, args=("one", refs[:2])), threading.Thread(target=user, args=("two", refs[2:4]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == {"one": refs[:2], "two": refs[2:4]}
+    assert pool.used_bytes <= pool.budget_bytes
+
+
+def test_a_handle_collected_while_the_pool_is_locked_does_not_freeze_it(models, monkeypatch):
+    """A handle dropped in a reference cycle is released by the cyclic garbage collector, which
+    runs at whatever allocation comes next: here, one made while the pool holds its lock."""
+    import chat.pool
+
+    refs, size = models
+    pool = ModelPool(3 * size, "cpu")
+    cycle = {"handle": pool.get(refs[0])}
+    cycle["self"] = cycle
+    del cycle
+    real_row = chat.pool.LoadedModel
+
+    def row_after_a_collection(*args):  # the collection lands inside ``with pool._lock``
+        gc.collect()
+        return real_row(*args)
+
+    monkeypatch.setattr(chat.pool, "LoadedModel", row_after_a_collection)
+    gc.disable()
+    try:
+        answer = []
+        worker = threading.Thread(target=lambda: answer.append(pool.loaded()), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+    finally:
+        gc.enable()
+    assert answer, "the pool froze: the finalizer waited for the lock its own thread held"
+    assert pool.loaded()[0].leases == 0, "the dropped handle's lease was released"
