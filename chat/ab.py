@@ -85,6 +85,16 @@ def read_votes(path: Path | str | None = None) -> list[dict]:
     return votes
 
 
+def without_last_turn(conversation: list[dict]) -> list[dict]:
+    """``conversation`` without its last user message and the answer to it, if any (to ask again)."""
+    kept = list(conversation)
+    if kept and kept[-1]["role"] == "assistant":
+        kept.pop()
+    if kept and kept[-1]["role"] == "user":
+        kept.pop()
+    return kept
+
+
 class ABSession:
     """One blind comparison between two of ``candidates`` (model references).
 
@@ -148,11 +158,8 @@ class ABSession:
         return self.pending()
 
     def _drop_last_turn(self) -> None:
-        for conversation in self.conversations.values():
-            if conversation and conversation[-1]["role"] == "assistant":
-                conversation.pop()
-            if conversation and conversation[-1]["role"] == "user":
-                conversation.pop()
+        for label, conversation in self.conversations.items():
+            self.conversations[label] = without_last_turn(conversation)
         self.sampling.pop()
 
     def _drop_unanswered_turn(self) -> None:
@@ -187,10 +194,11 @@ class ABSession:
         self._open()
         if choice not in VOTE_CHOICES:
             raise MergeStudioError(f"vote must be one of {', '.join(VOTE_CHOICES)}; got {choice!r}")
-        if not any(m["role"] == "assistant" for m in self.conversations["A"]) or not any(
-            m["role"] == "assistant" for m in self.conversations["B"]
-        ):
-            raise MergeStudioError("both models must answer before you vote; send a message first")
+        if not all(c and c[-1]["role"] == "assistant" for c in self.conversations.values()):
+            # No first turn yet, or the last message is still being answered (or its answer failed):
+            # a vote now would record, and judge, a conversation the user has not seen answered.
+            raise MergeStudioError("both models must answer your last message before you vote; wait for them, "
+                                   "or send it again")
         winner = self._models.get(choice)  # None for tie and both_bad
         record = {
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

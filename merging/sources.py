@@ -96,12 +96,22 @@ def allowed_path(path: Path, policy: SourcePolicy) -> bool:
     return any(resolved == root or root in resolved.parents for root in roots)
 
 
-def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
-    if not allowed_path(path, policy):
+def check_local_access(ref: str, policy: SourcePolicy) -> None:
+    """Refuse ``ref`` if it is a local path that ``policy`` does not let be read (a Hub id passes).
+
+    For callers that resolve under a wider policy than the user's own, such as the shared chat
+    pool (it serves every session's merges), to check the user's policy first.
+    """
+    path = Path(ref).expanduser()
+    if (_looks_local(ref) or path.exists()) and not allowed_path(path, policy):
         raise SourceError(
             f"{ref!r}: local paths are disabled on this hosted studio; use a Hub id like 'org/name' "
             "or one of the listed demo models"
         )
+
+
+def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
+    check_local_access(ref, policy)
     if not path.exists():
         raise SourceError(
             f"model {ref!r} not found: no such folder, and it is not a Hub id of the form 'org/name'"

@@ -14,6 +14,7 @@ import gradio as gr
 
 from chat import ModelPool
 from chat import generate as stream_answer
+from merging.sources import check_local_access
 from studio.common import CHAT, HEAVY, user_errors
 from studio.merge_tab import merge_into_session
 from studio.redundancy_tab import measure_session
@@ -34,15 +35,17 @@ def register(settings: Settings, pool: ModelPool) -> None:
     # Annotated with the type of each streamed update: Gradio documents the endpoint from it
     # (an Iterator[str] annotation would show as "Any" in the API page and view_api()).
     def generate(model: str, prompt: str, temperature: float = 0.7, top_p: float = 0.9,
-                 max_new_tokens: int = 256, seed: int = 0) -> str:
+                 max_new_tokens: int = 256, seed: int = 0, request: gr.Request = None) -> str:
         """Stream a model's answer to one user message (through its chat template).
 
         ``model``: a reference as in recipes (a Hub id; locally also a folder) or the ``output``
         of merge_recipe. Each update is the whole answer so far. Temperature 0 is greedy; the
         same seed gives the same text.
         """
+        # The pool serves every session's merges; this user may read only the offered models and their own.
+        check_local_access(model, settings.policy(getattr(request, "session_hash", None)))
         text = ""
-        for chunk in stream_answer(model, prompt, temperature, top_p, int(max_new_tokens), int(seed), pool=pool):
+        for chunk in stream_answer(model, prompt, temperature, top_p, max_new_tokens, seed, pool=pool):
             text += chunk
             yield text
 

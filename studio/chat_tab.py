@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
 from chat import ABSession, ModelPool, SamplingParams, check_message, stream_many
+from chat.ab import without_last_turn
+from merging.sources import check_local_access
 from merging.errors import MergeStudioError
-from studio.common import CHAT, INSTANT, UI, as_text, label_of, model_choices, stop_button, stoppable, user_errors
+from studio.common import (CHAT, INSTANT, UI, as_text, label_of, model_choices, session_hash, stop_button, stoppable,
+                           user_errors)
 from studio.settings import Settings, StopSignal
 
 PANELS = 4
@@ -51,7 +55,8 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
     with gr.Row():
         count = gr.Radio([2, 3, 4], value=2, label="Panels", scale=1)
         blind = gr.Checkbox(False, label="Blind A/B", scale=1,
-                            info="two of the panels' models, drawn at random and named only after your vote")
+                            info="two of the panels' models, drawn at random and named only after your vote; "
+                                 "a vote saves both conversations with it on the server, for the A/B tally")
     panels: list[Panel] = []
     with gr.Row(equal_height=True):
         for i in range(PANELS):
@@ -74,12 +79,12 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
         stop = gr.Button("Stop", variant="stop", size="sm")
         regenerate = gr.Button("Regenerate", size="sm")
         clear = gr.Button("Clear all", size="sm")
+    status = gr.Markdown()
     with gr.Accordion("Sampling (shared by every panel)", open=False), gr.Row():
         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature", info="0 = greedy")
         top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
         max_new_tokens = gr.Slider(1, 1024, value=256, step=1, label="max new tokens")
         seed = gr.Number(0, label="seed", precision=0, minimum=0)
-    status = gr.Markdown()
 
     conversations = gr.State(_empty())
     ab_state = gr.State(None)
@@ -88,9 +93,14 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
     refs = [p.model for p in panels]
 
     def respond(text: str, n: int, is_blind: bool, models: list[str], convs: list, ab: ABSession | None,
-                params: SamplingParams, stop_event, again: bool = False):
+                params: SamplingParams, stop_event, hash_: str | None, again: bool = False):
         """Stream the answers into the panels; yields (message, *chatbots, convs, ab, status)."""
         started = time.monotonic()
+        # The pool serves every session's merges; this user may read only the offered models and their own.
+        policy = settings.policy(hash_)
+        for ref in models[:n]:
+            if ref:
+                check_local_access(ref, policy)
         convs = [list(c) for c in convs]
         if is_blind:
             if ab is None or ab.voted:
@@ -114,8 +124,11 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
                 boxes[panel] = gr.Chatbot(messages, label=f"Model {'AB'[k]}") if is_blind else messages
             return ("", *boxes, gr.skip(), gr.skip(), note)
 
-        yield view("Loading the models…" if not pool.loaded() else "Generating…")
+        loaded = {m.folder for m in pool.loaded()}
+        ready = all(Path(ref).expanduser().resolve() in loaded for ref in targets if Path(ref).expanduser().exists())
+        yield view("Generating…" if ready else "Loading the models (or waiting for memory other chats are using)…")
         handles = pool.get_many(targets)
+        yield view("Generating…")
         try:
             last = 0.0
             for index, so_far in stream_many(handles, asked, params, stop_event):
@@ -138,32 +151,28 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
         yield (final[0], *final[1:PANELS + 1], convs, ab, note)
 
     @user_errors
-    def on_send(text, n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal):
-        params = SamplingParams(temp, p, int(max_new), int(seed_value or 0))
+    def on_send(text, n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal,
+                request: gr.Request):
+        params = SamplingParams(temp, p, max_new, seed_value or 0)
         text = check_message(text)
-        yield from respond(text, int(n), is_blind, [m1, m2, m3, m4], convs, ab, params, stop_signal.event)
+        yield from respond(text, int(n), is_blind, [m1, m2, m3, m4], convs, ab, params, stop_signal.event,
+                           session_hash(request))
 
     @user_errors
-    def on_regenerate(n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal):
-        params = SamplingParams(temp, p, int(max_new), int(seed_value or 0))
-        n = int(n)
+    def on_regenerate(n, is_blind, m1, m2, m3, m4, convs, ab, temp, p, max_new, seed_value, stop_signal,
+                      request: gr.Request):
+        params = SamplingParams(temp, p, max_new, seed_value or 0)
+        n, hash_ = int(n), session_hash(request)
         if is_blind:
             if ab is None or ab.voted:
                 raise MergeStudioError("nothing to regenerate yet; send a message first")
-            yield from respond("", n, True, [m1, m2, m3, m4], convs, ab, params, stop_signal.event, again=True)
+            yield from respond("", n, True, [m1, m2, m3, m4], convs, ab, params, stop_signal.event, hash_, again=True)
             return
         last = next((m["content"] for c in convs[:n] for m in reversed(c) if m["role"] == "user"), None)
         if last is None:
             raise MergeStudioError("nothing to regenerate yet; send a message first")
-        trimmed = []
-        for c in convs:
-            c = list(c)
-            if c and c[-1]["role"] == "assistant":
-                c.pop()
-            if c and c[-1]["role"] == "user":
-                c.pop()
-            trimmed.append(c)
-        yield from respond(last, n, False, [m1, m2, m3, m4], trimmed[:n] + convs[n:], None, params, stop_signal.event)
+        trimmed = [without_last_turn(c) for c in convs[:n]]
+        yield from respond(last, n, False, [m1, m2, m3, m4], trimmed + convs[n:], None, params, stop_signal.event, hash_)
 
     def on_clear():
         return ("", *[[] for _ in range(PANELS)], _empty(), None, "", "")

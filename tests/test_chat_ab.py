@@ -82,6 +82,23 @@ def test_votes_are_checked_and_a_session_takes_one(tmp_path):
     assert record["choice"] == "both_bad" and record["winner"] is None
 
 
+def test_a_vote_waits_for_both_answers_to_the_last_message(tmp_path):
+    """Voting while the second turn is still streaming (or after it failed) would record a
+    conversation ending in an unanswered question, and the answers would then be refused."""
+    session = answered(tmp_path)
+    session.ask("And now?", PARAMS)
+    with pytest.raises(MergeStudioError, match="must answer your last message"):
+        session.vote("A")
+    session.answer("A", "A's second answer")
+    with pytest.raises(MergeStudioError, match="must answer your last message"):
+        session.vote("A")
+    session.answer("B", "B's second answer")
+    session.vote("tie")
+    (record,) = read_votes(tmp_path / "votes.jsonl")
+    assert [m["content"] for m in record["conversation_b"]] == [
+        "Which is better?", "second answer", "And now?", "B's second answer"]
+
+
 def test_regenerate_and_a_failed_turn_keep_the_conversations_aligned(tmp_path):
     session = answered(tmp_path)
     greedy = SamplingParams(temperature=0)
