@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from merging.errors import MergeCancelled, MergeStudioError
+from merging.errors import Cancelled, MergeStudioError
 from merging.sources import SourcePolicy
 from studio.common import HEAVY, INSTANT, UI, download_dir, label_of, read_upload, session_dir, session_hash, stop_button, stoppable, user_errors
 from studio.settings import Settings, StopSignal
 from viz import figures as viz_figures
-from viz.report import EXPLANATIONS, write_report
+from viz.report import EXPLANATIONS, findings, write_report
 from viz.stats import RedundancyStats, delta_statistics, model_labels
 from viz.sweep import DROP_RATES, SweepResult, dare_sweep
 
@@ -69,7 +69,7 @@ def build(settings: Settings, models) -> None:
                 settings, base, sources, trim, session_hash(request), cancel=stop_signal.event,
                 progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
             )
-        except MergeCancelled:
+        except Cancelled:
             return (gr.skip(),) * (len(FIGURES) + 1) + ("Stopped.",)
         figures = viz_figures.all_figures(stats)
         return (stats, *[figures[name] for name in FIGURES], _findings(stats))
@@ -96,7 +96,7 @@ def build(settings: Settings, models) -> None:
                 cancel=stop_signal.event,
                 progress=lambda done, total, what: progress((done, total), desc=what, unit="models"),
             )
-        except MergeCancelled:
+        except Cancelled:  # a merge's MergeCancelled or an evaluation's Cancelled
             return gr.skip(), "Stopped.", gr.skip()
         color = viz_figures.model_colors(stats.labels).get(result.model) if stats else None
         return result, "\n".join(f"- {line}" for line in result.summary()), viz_figures.sweep_chart(result, color)
@@ -139,18 +139,7 @@ def measure_session(settings: Settings, base: str, sources: list[str], density: 
 
 
 def _findings(stats: RedundancyStats) -> str:
-    """What the numbers say, in a few lines of Markdown."""
-    lines = [f"Measured {len(stats.tensors)} tensors of {len(stats.labels)} model(s) in {stats.seconds:.1f} s on {stats.device}."]
-    for label in stats.labels:
-        delta = stats.model.deltas[label]
-        lines.append(f"- **{label}**: ‖δ‖ is {_pct(delta.relative_norm, 3)} of ‖θ_base‖; the largest 20% of the entries "
-                     f"of each tensor hold {_pct(delta.energy_top.get('0.2'))} of ‖δ‖².")
-    conflicts = stats.model.conflicts
-    if conflicts is not None and conflicts.rate is not None:
-        lines.append(f"- Where two or more models change a weight, their deltas disagree in sign on {_pct(conflicts.rate)} "
-                     f"of those entries; after trimming to density {stats.density:g}, on {_pct(conflicts.trimmed_rate)}.")
-    return "\n".join(lines)
-
-
-def _pct(value, digits: int = 1) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f}%"
+    """What the numbers say, in a few lines of Markdown (``viz.report.findings``, labels escaped)."""
+    header = (f"Measured {len(stats.tensors)} tensors of {len(stats.labels)} model(s) in {stats.seconds:.1f} s "
+              f"on {stats.device}.")
+    return "\n".join([header, *(f"- {line}" for line in findings(stats))])

@@ -145,3 +145,9 @@ def test_sweep_recipes_are_single_model_engine_merges():
     }
     assert sweep_recipe("b", "m", "magnitude", 0.7)["merge_method"] == "ties"
     assert sweep_recipe("b", "m", "magnitude", 0.7)["models"][0]["parameters"]["density"] == 0.3
+
+
+def test_a_sweep_that_breaks_at_the_first_drop_says_so():
+    sweep = _sweep({"random": [0.94, 0.3, 0.2, 0.1, 0.0, 0.0]})
+    assert sweep.breaking_point("random") == (0.0, 0.5)
+    assert sweep.summary()[1] == f"{METHOD_TITLES['random']}: breaks already at a 50% drop (accuracy 30%, keeps 32%)."

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ import torch
 
 from helpers import REPO, CliResult, error_line, load_model_tensors
 from merging.engine import merge
+from merging.errors import Cancelled, MergeCancelled, SourceError
 from merging.recipe import load_recipe
 from test_viz_stats import viz_family
 from viz import cli
 from viz.measures import top_count
-from viz.sweep import sweep_recipe
+from viz.stats import delta_statistics
+from viz.sweep import dare_sweep, sweep_recipe
 
 CHROMIUM = "/usr/bin/chromium"
 FIGURES = ["magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity", "sweep"]
@@ -112,6 +115,92 @@ def test_sweep_merges_are_dare_and_pure_magnitude_trim(tmp_path):
     survivors = kept != 0
     assert 0.48 < survivors.double().mean().item() < 0.52
     torch.testing.assert_close(kept[survivors], 2 * delta[survivors], rtol=1e-5, atol=1e-7)
+
+
+class StopPressedIn(threading.Event):
+    """The Stop button pressed while code of ``module`` runs: set the first time that module polls it."""
+
+    def __init__(self, module: str):
+        super().__init__()
+        self.module = module
+
+    def is_set(self) -> bool:
+        if sys._getframe(1).f_globals.get("__name__") == self.module:
+            self.set()
+        return super().is_set()
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    path = tmp_path_factory.mktemp("viz-sweep") / "suite.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in ("apple", "river")))
+    return path
+
+
+@pytest.mark.parametrize("module", ["merging.evaluate", "merging.engine"])
+def test_stop_takes_effect_within_a_merge_or_an_evaluation(module, suite, tmp_path):
+    fam = viz_family()
+    stop = StopPressedIn(module)
+    with pytest.raises(Cancelled) as stopped:
+        dare_sweep(fam.base, fam.finetuned[0], rates=(0.5,), methods=("random",), suite=suite, device="cpu",
+                   workdir=tmp_path, cancel=stop)
+    # an evaluation stops with Cancelled, a merge with its subclass: the tab catches the base class
+    assert isinstance(stopped.value, MergeCancelled) == (module == "merging.engine")
+    assert list(tmp_path.iterdir()) == []  # no merged model left behind
+
+
+def test_a_stop_after_the_last_point_keeps_the_finished_sweep(suite):
+    fam = viz_family()
+    stop = threading.Event()
+
+    def progress(done: int, total: int, what: str) -> None:
+        if done == total:
+            stop.set()  # pressed as the last evaluation finished
+
+    result = dare_sweep(fam.base, fam.finetuned[0], rates=(0.5,), methods=("random",), suite=suite, device="cpu",
+                        progress=progress, cancel=stop)
+    assert stop.is_set() and [(p.method, p.drop_rate) for p in result.points] == [("random", 0.0), ("random", 0.5)]
+
+
+def test_bad_drop_rates_fail_before_any_model_is_read(capsys, tmp_path):
+    fam = viz_family()
+    for rates in ("0.5,1", "-0.1", "nan"):
+        # the fine-tuned model is missing too: the rates are checked first, not after the statistics
+        message = error_line(run_viz(capsys, "report", fam.base, tmp_path / "missing", "--out", tmp_path / "out",
+                                     "--rates", rates))
+        assert message.startswith("drop rate ") and "[0, 1)" in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_goes_before_or_after_the_command(capsys, tmp_path):
+    fam = viz_family()
+    command = ["report", str(fam.base), str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--no-sweep"]
+    for argv in (["--debug", *command], [*command, "--debug"], ["report", "--debug", *command[1:]]):
+        with pytest.raises(SourceError, match="not found"):  # the traceback, not the one-line error
+            cli.main(argv)
+    assert "not found" in error_line(run_viz(capsys, *command))
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def test_findings_are_one_text_that_escapes_model_labels():
+    """The tab and the report say the same findings (viz.report.findings), with user-chosen model
+    labels escaped: shown as written, never run as markup."""
+    from studio.redundancy_tab import _findings as tab_findings
+    from viz.report import findings, render_html
+
+    fam = viz_family()
+    stats = delta_statistics(fam.base, fam.finetuned[:2], labels=[HOSTILE, "b"], device="cpu", threads=1)
+    lines = findings(stats)
+    assert len(lines) == 3 and all(HOSTILE not in line for line in lines)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in lines[0]
+    assert "largest 20%" in lines[1] and "disagree in sign" in lines[2] and "density 0.2" in lines[2]
+    markdown = tab_findings(stats)
+    assert HOSTILE not in markdown and markdown.startswith("Measured ")
+    assert all(f"- {line}" in markdown.splitlines() for line in lines)
+    page = render_html(stats)
+    assert HOSTILE not in page and all(f"<li>{line}</li>" in page for line in lines)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium")

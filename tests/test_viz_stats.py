@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 import time
 
 import pytest
@@ -272,3 +273,52 @@ def test_a_damaged_checkpoint_is_named(models, tmp_path):
     edit_tensors(damaged, nan)
     with pytest.raises(MergeStudioError, match=r"model.norm.weight of .*damaged contains NaN"):
         delta_statistics(base, [damaged], device="cpu")
+
+
+def test_a_single_changed_norm_weight_still_has_a_histogram(tmp_path):
+    """Only one norm weight changed, 1 -> 2: every non-zero |δ| is exactly 1, a power of ten, so
+    the largest and smallest magnitudes fall on the same decade edge."""
+    fam = viz_family()
+    name = "model.layers.0.input_layernorm.weight"
+    assert bool((load_model_tensors(fam.base)[name] == 1.0).all())  # llama's norm weights start at 1
+    tuned = copy_model(fam.base, tmp_path / "norm-only")
+    edit_tensors(tuned, lambda state: state[name].mul_(2.0))
+    stats = delta_statistics(fam.base, [tuned], device="cpu")
+    hist = stats.histogram
+    changed = 64 / stats.model.numel  # the 64 entries of that norm weight
+    assert hist.zero_fraction["norm-only"] == pytest.approx(1 - changed)
+    assert sum(hist.fractions["norm-only"]) == pytest.approx(changed)
+    assert len(hist.edges) >= 2 and hist.edges[0] < 1.0 <= hist.edges[-1]
+    last = max(i for i, f in enumerate(hist.fractions["norm-only"]) if f > 0)  # all of it in the bin ending at 1
+    assert hist.edges[last] < 1.0 <= hist.edges[last + 1] and hist.fractions["norm-only"][last] == pytest.approx(changed)
+    assert stats.model.deltas["norm-only"].quantiles["1"] == 1.0
+
+
+def test_threads_hold_for_the_measuring_thread_and_are_restored(models):
+    """``threads`` applies to the thread that measures (a UI worker) and is given back after; torch's
+    OpenMP builds keep the count per thread, so a thread that already ran torch keeps its own."""
+    base, finetuned = models
+    seen = []
+
+    def measure():
+        torch.set_num_threads(2)
+        try:
+            delta_statistics(base, finetuned[:1], device="cpu", threads=1,
+                             progress=lambda *_: seen.append(torch.get_num_threads()))
+            seen.append(("after", torch.get_num_threads()))
+        finally:
+            torch.set_num_threads(1)  # threads started later in this process begin with the last value set
+
+    worker = threading.Thread(target=measure)
+    worker.start()
+    worker.join()
+    assert set(seen[:-1]) == {1} and seen[-1] == ("after", 2)
+    if "OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(3)  # this (main) thread: not changed by the worker's setting
+        try:
+            worker = threading.Thread(target=measure)
+            worker.start()
+            worker.join()
+            assert torch.get_num_threads() == 3
+        finally:
+            torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from merging.errors import MergeStudioError
-from viz.sweep import DROP_RATES
+from viz.sweep import DROP_RATES, drop_rates
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -24,7 +24,8 @@ def _rates(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m viz`` command line: one command, ``report``."""
     parser = argparse.ArgumentParser(prog="python -m viz", description="Redundancy views of fine-tuned models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    debug = dict(action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--debug", **debug)
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(
         "report", help="write report.html (self-contained) and stats.json for a base and fine-tuned models",
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     report.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    # also after the command; SUPPRESS keeps a --debug given before it
+    report.add_argument("--debug", default=argparse.SUPPRESS, **debug)
     return parser
 
 
@@ -61,6 +64,8 @@ def cmd_report(args) -> int:
     from viz.stats import delta_statistics
     from viz.sweep import dare_sweep
 
+    if args.sweep:
+        args.rates = drop_rates(args.rates)  # a bad rate fails now, not after the statistics
     prepare_output(args.out, args.overwrite)  # before minutes of work
     if args.threads is not None:
         if args.threads < 1:

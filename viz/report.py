@@ -115,27 +115,33 @@ def _summary_table(stats: RedundancyStats) -> str:
     )
 
 
-def _findings(stats: RedundancyStats, sweep: SweepResult | None) -> list[str]:
-    """A few sentences of what this report's numbers say."""
-    out = []
-    shares = [(label, stats.model.deltas[label].energy_top["0.2"]) for label in stats.labels]
-    shares = [(label, s) for label, s in shares if s is not None]
+def findings(stats: RedundancyStats) -> list[str]:
+    """What the statistics say, one sentence each: how large each task vector is next to the base,
+    the share of ‖δ‖² its top 20% of entries hold, and the sign conflicts before and after TIES
+    trimming. Model labels are HTML-escaped, so each line is safe in HTML and in Markdown."""
+    deltas = [(html.escape(label), stats.model.deltas[label]) for label in stats.labels]
+    sizes = ", ".join(f"{label} {_percent(d.relative_norm, 3)}" for label, d in deltas)
+    out = [f"Size of each task vector next to the base, ‖δ‖₂ / ‖θ_base‖₂ over the whole model: {sizes}."]
+    shares = [(label, d.energy_top["0.2"]) for label, d in deltas if d.energy_top["0.2"] is not None]
     if shares:
-        text = ", ".join(f"{html.escape(label)} {s:.0%}" for label, s in shares)
+        text = ", ".join(f"{label} {_percent(s)}" for label, s in shares)
         out.append(f"The largest 20% of entries of each tensor hold this share of ‖δ‖²: {text}.")
     c = stats.model.conflicts
     if c is not None and c.rate is not None:
-        after = "no entry" if c.trimmed_rate is None else f"{c.trimmed_rate:.0%}"
+        after = "no entry" if c.trimmed_rate is None else _percent(c.trimmed_rate)
         out.append(
-            f"Where two or more models change a weight, their deltas disagree in sign on {c.rate:.0%} of those entries "
-            f"({c.rate_all:.1%} of all entries); after trimming to density {stats.density:g}, on {after} "
+            f"Where two or more models change a weight, their deltas disagree in sign on {_percent(c.rate)} of those "
+            f"entries ({_percent(c.rate_all)} of all entries); after trimming to density {stats.density:g}, on {after} "
             f"({_percent(c.trimmed_rate_all)} of all entries)."
         )
-    if sweep is not None:
-        out += [html.escape(line) for line in sweep.summary()]
-    else:
-        out.append("The DARE sweep was not run; <code>python -m viz report ... --sweep</code> adds it (minutes).")
     return out
+
+
+def _findings(stats: RedundancyStats, sweep: SweepResult | None) -> list[str]:
+    """The report's findings: the statistics', then where the sweep breaks (HTML)."""
+    if sweep is None:
+        return [*findings(stats), "The DARE sweep was not run; <code>python -m viz report ... --sweep</code> adds it (minutes)."]
+    return [*findings(stats), *(html.escape(line) for line in sweep.summary())]
 
 
 def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str:

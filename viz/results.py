@@ -22,13 +22,12 @@ def number_key(x: float) -> str:
 class DeltaStats:
     """One task vector over a set of entries (a tensor, a layer or the whole model).
 
-    ``quantiles[q]``: |δ| at quantile q (keys "0.5" … "1"). Per tensor, q ≥ 0.8 are exact
-    order statistics (the k-th largest, k = max(1, int((1 − q)·n))) and the median comes from
-    a uniform sample of 32,768 entries; per layer and model the maximum is exact and the others
-    come from weighted samples of 4,096 entries per tensor (within about a percentile point). ``energy_top[f]``: share of ‖δ‖² held by the top f of entries of
-    each tensor (keys "0.01" … "0.2"); for a layer or the model, Σ over its tensors of that
-    energy / Σ of ‖δ‖², i.e. exactly what trimming each tensor to density f keeps, as TIES
-    does. None where ‖δ‖ = 0.
+    ``quantiles[q]``: |δ| at quantile q (keys "0.5" … "1"); which are exact and which sampled
+    says ``DEFINITIONS["quantiles"]`` below, also written into every stats.json (the sampled
+    ones are within about a percentile point).
+    ``energy_top[f]``: share of ‖δ‖² held by the top f of entries of each tensor (keys "0.01" …
+    "0.2"); for a layer or the model, Σ over its tensors of that energy / Σ of ‖δ‖², i.e.
+    exactly what trimming each tensor to density f keeps, as TIES does. None where ‖δ‖ = 0.
     """
 
     numel: int

@@ -207,7 +207,8 @@ def _histogram(results: list[_TensorResult], labels: list[str]) -> Histogram:
         return Histogram([], {label: [] for label in labels}, {label: 1.0 for label in labels})
     bottom = min(p.min().item() for p in positive if p.numel())
     high = math.ceil(math.log10(top))
-    low = max(high - HISTOGRAM_DECADES, math.floor(math.log10(bottom)))
+    # at least one decade: when every |δ| is one power of ten (a norm weight 1 -> 2), high = low
+    low = min(high - 1, max(high - HISTOGRAM_DECADES, math.floor(math.log10(bottom))))
     edges = torch.logspace(low, high, (high - low) * HISTOGRAM_BINS_PER_DECADE + 1, dtype=torch.float64)
     fractions, zeros = {}, {}
     total = sum(r.profiles[0].numel for r in results)
@@ -275,6 +276,8 @@ def _plan(base_reader: CheckpointReader, readers: list[CheckpointReader]) -> lis
 
 @contextmanager
 def _cpu_threads(count: int | None):
+    """The calling thread's torch intra-op threads set to ``count`` for the block, then restored
+    (torch keeps the count per thread, so it is read, set and restored in this one)."""
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -309,10 +312,13 @@ def delta_statistics(
     Models are local folders or Hub ids (``merging.sources.resolve_model`` under ``policy``:
     safetensors only by default). ``density`` is the TIES trim applied before the second sign
     conflict count. ``progress(done, total, tensor)`` is called after each tensor; setting
-    ``cancel`` stops with MergeCancelled. ``threads`` sets torch's CPU threads (process-wide)
-    while measuring and restores them after; None leaves them. The pass is thousands of small
-    chunked ops, and on a CPU that other work keeps busy every multi-threaded op waits for its
-    descheduled second thread: with 1 thread the demo family took 8 s here, with 2 over 45 s.
+    ``cancel`` stops with MergeCancelled. ``threads`` sets torch's intra-op CPU threads while
+    measuring and restores them after; None leaves them. torch keeps that count per thread: it
+    holds for the calling thread (a UI worker, say) and for threads that first use torch
+    meanwhile, not for threads that already ran torch ops, such as the main thread. The pass
+    is thousands of small chunked ops, and on a CPU that other work keeps busy every
+    multi-threaded op waits for its descheduled second thread: with 1 thread the demo family
+    took 8 s here, with 2 over 45 s.
     Raises MergeStudioError subclasses for bad input.
     """
     started = time.perf_counter()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from merging.engine import merge
-from merging.errors import MergeCancelled, MergeStudioError
+from merging.errors import Cancelled, MergeStudioError
 from merging.evaluate import evaluate, load_suite
 from merging.recipe import load_recipe
 from merging.sources import SourcePolicy, resolve_model
@@ -144,7 +144,7 @@ class SweepResult:
                 last = self.series(method)[-1]
                 lines.append(f"{name}: holds at every drop rate up to "
                              f"{last.drop_rate:.0%} ({self._describe(last)}).")
-            elif holds is None:
+            elif not holds:  # nothing holds past the fine-tuned model itself (drop rate 0)
                 lines.append(f"{name}: breaks already at a {breaks:.0%} drop ({self._describe(values[breaks])}).")
             else:
                 lines.append(f"{name}: holds up to a {holds:.0%} drop ({self._describe(values[holds])}) and breaks at "
@@ -187,6 +187,17 @@ def sweep_recipe(base: str, model: str, method: str, drop_rate: float, seed: int
     }
 
 
+def drop_rates(rates) -> tuple[float, ...]:
+    """The drop rates a sweep evaluates: ``rates`` sorted, without repeats, with 0 (the fine-tuned
+    model itself) added. Each must lie in [0, 1); raises MergeStudioError naming the first that does not."""
+    rates = tuple(sorted({float(r) for r in rates} | {0.0}))
+    bad = next((r for r in rates if not 0.0 <= r < 1.0), None)
+    if bad is not None:
+        raise MergeStudioError(f"drop rate {bad:g} is out of range: drop rates lie in [0, 1) "
+                               "(a drop rate of 1 removes the whole task vector)")
+    return rates
+
+
 def _task_subset(suite: str | Path, tasks: list[str], folder: Path) -> Path:
     """A JSONL suite holding only ``tasks`` of ``suite`` (the skills being swept): fewer prompts."""
     path = folder / "sweep-tasks.jsonl"
@@ -219,16 +230,16 @@ def dare_sweep(
 
     ``suite``: 'zoo' or a JSONL file of {prompt, answer[, task]}; ``text``: a file to measure
     perplexity on; at least one is needed. Merges go to a temporary folder (under ``workdir``
-    if given), one at a time, each deleted after its evaluation. Raises MergeStudioError.
+    if given), one at a time, each deleted after its evaluation. Setting ``cancel`` stops the
+    current merge or evaluation with ``merging.errors.Cancelled`` (a merge raises its subclass
+    MergeCancelled); once the last point is done the sweep is returned. Raises MergeStudioError.
     """
     if suite is None and text is None:
         raise MergeStudioError("the sweep needs a task suite (zoo or a JSONL file) or a text file for perplexity")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise MergeStudioError(f"unknown sweep method {unknown[0] if unknown else None!r}; use {', '.join(METHODS)}")
-    rates = tuple(sorted({float(r) for r in rates} | {0.0}))
-    if any(not 0.0 <= r < 1.0 for r in rates):
-        raise MergeStudioError("drop rates must lie in [0, 1): a drop rate of 1 removes the whole task vector")
+    rates = drop_rates(rates)
     if suite is not None:
         load_suite(suite)  # a bad suite fails now, not after the first merge
     base_folder = resolve_model(str(base), policy).folder
@@ -241,12 +252,15 @@ def dare_sweep(
         done += 1
         if progress is not None:
             progress(done, total, what)
+
+    def stopped() -> None:  # before each merge or evaluation; both also check within themselves
         if cancel is not None and cancel.is_set():
-            raise MergeCancelled("sweep cancelled")
+            raise Cancelled("sweep stopped")
 
     def scored(folder: Path, method: str, rate: float, tasks_suite) -> SweepPoint:
+        stopped()
         started = time.perf_counter()
-        report = evaluate(folder, suite=tasks_suite, text=text, device=device)
+        report = evaluate(folder, suite=tasks_suite, text=text, device=device, cancel=cancel)
         return SweepPoint(method, rate, dict(report.tasks), report.perplexity, round(time.perf_counter() - started, 3))
 
     if workdir is not None:
@@ -264,9 +278,10 @@ def dare_sweep(
         for method in methods:
             for rate in rates[1:]:
                 out = Path(tmp) / "merged"
+                stopped()
                 started = time.perf_counter()
                 merge(load_recipe(sweep_recipe(str(base), str(finetuned), method, rate, seed)), out,
-                      device=device, overwrite=True, policy=policy)
+                      device=device, overwrite=True, policy=policy, cancel=cancel)
                 point = scored(out, method, rate, swept_suite)
                 point.seconds = round(time.perf_counter() - started, 3)
                 points.append(point)
@@ -279,4 +294,5 @@ def dare_sweep(
     )
 
 
-__all__ = ["DROP_RATES", "HOLDS", "METHODS", "METHOD_TITLES", "SweepPoint", "SweepResult", "dare_sweep", "sweep_recipe"]
+__all__ = ["DROP_RATES", "HOLDS", "METHODS", "METHOD_TITLES", "SweepPoint", "SweepResult", "dare_sweep", "drop_rates",
+           "sweep_recipe"]
