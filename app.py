@@ -37,10 +37,11 @@ def main() -> int:
     try:
         settings = Settings.from_env()
         prepare(settings)
+        app = build_app(settings)  # reads the chat budget setting too
     except MergeStudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    build_app(settings).launch(**launch_options(settings))
+    app.launch(**launch_options(settings))
     return 0
 
 

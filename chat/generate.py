@@ -6,8 +6,9 @@ with a streamer thread, because:
 - Stop is checked before every forward pass, so it takes effect within one token, with no
   thread to join; the KV cache is a local of the generator and is freed with it.
 - Sampling draws from a private ``torch.Generator`` seeded per stream, on the CPU, so a seed
-  gives the same text whatever other users generate at the same time and on whichever
-  device. (``generate`` draws from torch's global RNG, which concurrent users share.)
+  gives the same text whatever other users generate at the same time, and the same random
+  draws on any device (the logits themselves differ a little between a CPU's float32 and a
+  GPU's bfloat16). (``generate`` draws from torch's global RNG, which concurrent users share.)
 - Several models advance together in one thread, one token each in turn (``stream_many``),
   without the threads, queues and oversubscribed cores of one streamer thread per model.
 

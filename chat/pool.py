@@ -46,6 +46,7 @@ from typing import Callable
 import torch
 
 from merging.checkpoint import INDEX_NAME, CheckpointReader, parse_size, pickle_files, safetensors_files
+from merging.checkpoint import format_size as format_bytes
 from merging.engine import pick_device
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy, resolve_model, snapshot_download
@@ -54,14 +55,6 @@ BUDGET_ENV = "MERGE_STUDIO_CHAT_BUDGET"  # e.g. "4GB"; read by default_budget()
 DEFAULT_BUDGET_FRACTION = 0.5  # of the memory available on the device when no budget is given
 
 Key = tuple[str, tuple]  # (resolved folder, fingerprint of its weights files)
-
-
-def format_bytes(count: int | float) -> str:
-    """'538.1 MB': decimal units, as ``parse_size`` reads them."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if abs(count) >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} bytes"
 
 
 def chat_dtype(device: torch.device) -> torch.dtype:

@@ -249,6 +249,14 @@ def pickle_refusal(label: str) -> str:
 
 # -- writing -------------------------------------------------------------------------------
 
+def format_size(count: int | float) -> str:
+    """'538.1 MB': decimal units, the inverse of ``parse_size`` (to a tenth of the unit)."""
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if abs(count) >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} bytes"
+
+
 def parse_size(text: str | int) -> int:
     """'2GB' -> 2_000_000_000; '500MB', '1.5GiB', plain bytes also accepted."""
     if isinstance(text, int):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from merging.checkpoint import format_size
 from merging.errors import MergeStudioError
 from studio.settings import Settings, StopSignal
 
@@ -109,12 +110,7 @@ def label_of(settings: Settings, ref: str, results: list[dict] | None = None) ->
 
 
 def format_bytes(count: float | None) -> str:
-    if count is None:
-        return "?"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} B"
+    return "?" if count is None else format_size(count)
 
 
 def format_count(count: int | None) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -80,7 +81,7 @@ class Settings:
             heavy_concurrency=_count(env, "MERGE_STUDIO_HEAVY_CONCURRENCY", 1),
             chat_concurrency=_count(env, "MERGE_STUDIO_CHAT_CONCURRENCY", 4),
             queue_size=_count(env, "MERGE_STUDIO_QUEUE_SIZE", 64) if hosted or env.get("MERGE_STUDIO_QUEUE_SIZE") else None,
-            session_hours=float(env.get("MERGE_STUDIO_SESSION_HOURS") or 24),
+            session_hours=_hours(env, "MERGE_STUDIO_SESSION_HOURS", 24.0),
             oauth=oauth,
         )
 
@@ -187,6 +188,19 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(text)
 
 
+def _hours(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        hours = float(text)
+    except ValueError:
+        hours = float("nan")
+    if not math.isfinite(hours) or hours <= 0:  # 0 or less would delete every session at the next merge
+        raise MergeStudioError(f"{name}={text!r} must be a number of hours above 0, such as 24 or 0.5")
+    return hours
+
+
 class SizeLimitedDownload:
     """``snapshot_download`` that first asks the Hub how large the repo's weights are and refuses
     repos above ``max_bytes`` (so a hosted studio never starts a 100 GB download)."""
@@ -206,17 +220,34 @@ class SizeLimitedDownload:
 
 
 def prune_sessions(settings: Settings, keep: Path | None = None) -> None:
-    """Hosted only: delete session folders untouched for ``session_hours`` (never ``keep``)."""
+    """Hosted only: delete session folders untouched for ``session_hours`` (never ``keep``).
+
+    Untouched means nothing in the folder changed: a folder's own time changes only when an
+    entry directly in it does, so a session writing merges inside ``merges/`` looks idle by
+    that measure alone.
+    """
     root = settings.sessions_dir()
     if not settings.hosted or not root.is_dir():
         return
     cutoff = time.time() - settings.session_hours * 3600
     for folder in root.iterdir():
         try:
-            if folder != keep and folder.stat().st_mtime < cutoff:
+            if folder != keep and _last_change(folder) < cutoff:
                 shutil.rmtree(folder, ignore_errors=True)
         except OSError:
             continue
+
+
+def _last_change(folder: Path) -> float:
+    """The newest modification time of ``folder`` and everything in it."""
+    newest = folder.stat().st_mtime
+    for parent, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            try:
+                newest = max(newest, os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime)
+            except OSError:
+                continue
+    return newest
 
 
 class StopSignal:

@@ -1,6 +1,6 @@
-"""Limits of a launched studio that need their own server: one hosted session cannot chat with
-another's merge, and a model over the chat memory budget is refused before loading, with the
-numbers, through the API a visitor uses."""
+"""Limits of a hosted studio: one session cannot chat with another's merge; a model over the chat
+memory budget is refused before loading, with the numbers, through the API a visitor uses; old
+sessions are pruned but an active one never is; bad settings stop the start with a message."""
 
 from __future__ import annotations
 
@@ -40,3 +40,43 @@ def test_a_model_over_the_chat_budget_is_refused_with_the_numbers(tiny_settings,
         assert "MERGE_STUDIO_CHAT_BUDGET" in str(error.value) and "Traceback" not in str(error.value)
     finally:
         demo.close()
+
+
+def test_pruning_keeps_a_session_that_wrote_recently_inside_its_folder(tiny_settings, tmp_path):  # noqa: F811
+    import os
+    import time
+
+    from studio.settings import prune_sessions
+
+    settings = replace(tiny_settings, hosted=True, work_dir=tmp_path, session_hours=1.0)
+    old, active, mine = (settings.session_dir(name) for name in ("old", "active", "mine"))
+    for folder in (old, active, mine):
+        (folder / "merges").mkdir(parents=True)
+        (folder / "merges" / "model.safetensors").write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    for path in (old, old / "merges", old / "merges" / "model.safetensors", active, active / "merges", mine):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    # "active" wrote its merge a moment ago, inside merges/: its own folder's time is old.
+    prune_sessions(settings, keep=mine)
+    assert not old.exists()
+    assert (active / "merges" / "model.safetensors").exists()
+    assert mine.exists()
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("MERGE_STUDIO_CHAT_BUDGET", "lots", "is not a positive size"),
+    ("MERGE_STUDIO_SESSION_HOURS", "abc", "must be a number of hours above 0"),
+    ("MERGE_STUDIO_SESSION_HOURS", "-1", "must be a number of hours above 0"),
+])
+def test_bad_settings_stop_the_start_with_a_message(tiny, variable, value, message):  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    models = json.dumps({"base": str(tiny.base), "ft": str(tiny.finetuned[0])})
+    env = {**os.environ, "MERGE_STUDIO_MODELS": models, variable: value, "GRADIO_SERVER_PORT": "1"}
+    app = Path(__file__).resolve().parents[1] / "app.py"
+    done = subprocess.run([sys.executable, str(app)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
