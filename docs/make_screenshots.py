@@ -109,7 +109,7 @@ def merge_tab(page):
     """RegMean over the three experts; each one's calibration is its own demo task."""
     page.get_by_role("tab", name="Merge").click()
     page.get_by_label("Merge method").click()
-    page.get_by_role("option", name=re.compile(r"\(regmean\)$")).click()
+    page.get_by_role("option", name=re.compile(r"— regmean$")).click()
     page.wait_for_function("() => ['merge_method: regmean', 'calibration: geography', 'calibration: people', "
                            "'calibration: creatures'].every(s => document.querySelector('.cm-content').innerText.includes(s))")
     page.get_by_text("✓ valid recipe").wait_for()

@@ -319,9 +319,20 @@ def merge(
         tensors=len(plans),
         bytes_written=sum(p.out.nbytes for p in plans),
         shards=len(shards),
-        dtype=str(recipe.output_dtype or "as base").removeprefix("torch."),
+        dtype=written_dtype(plans),
         device=str(compute),
     )
+
+
+def written_dtype(plans: list[TensorPlan]) -> str:
+    """The floating dtype(s) the output holds, largest share first: ``bfloat16``, or
+    ``bfloat16/float32`` when a model keeps some tensors wider (what "as base" resolves to)."""
+    sizes: dict[str, int] = {}
+    for plan in plans:
+        if plan.out.dtype.is_floating_point:
+            name = str(plan.out.dtype).removeprefix("torch.")
+            sizes[name] = sizes.get(name, 0) + plan.out.nbytes
+    return "/".join(sorted(sizes, key=sizes.get, reverse=True)) or "none"
 
 
 def calibrate_inputs(recipe: Recipe, models: _Inputs, policy: SourcePolicy, device: str,

@@ -14,6 +14,7 @@ from merging.sources import resolve_model
 from studio.common import (HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash,
                            stop_button as stop_on, stoppable, user_errors)
 from studio.settings import Settings, StopSignal
+from viz.figures import NEUTRAL, PALETTE, TEMPLATE, model_colors
 
 SUITES = {"demo tasks (held-out questions of the demo experts)": "zoo", "uploaded JSONL": "upload",
           "none (perplexity only)": None}
@@ -32,9 +33,22 @@ def _text_file(settings: Settings, request, upload: str | None, pasted: str) -> 
     return None
 
 
-def table_and_chart(reports: list[tuple[str, dict]]) -> tuple[pd.DataFrame, go.Figure]:
-    """(label, EvalReport.summary()) pairs -> a table (accuracy in %) and a grouped bar chart."""
-    tasks = sorted({t for _, r in reports for t in r["tasks"]})
+def colors_of(labels: list[str], sources: list[str], base: str | None = None) -> dict[str, str]:
+    """A colour per model label: the sources keep the Redundancy tab's (``viz.figures.model_colors``
+    of ``sources``), the base is neutral grey, and any other model (a merge) takes the next colours."""
+    colors = model_colors(sources)
+    others = [label for label in labels if label not in colors and label != base]
+    colors.update({label: PALETTE[(len(sources) + i) % len(PALETTE)] for i, label in enumerate(others)})
+    if base is not None:
+        colors[base] = NEUTRAL
+    return colors
+
+
+def table_and_chart(reports: list[tuple[str, dict]], colors: dict[str, str] | None = None) -> tuple[pd.DataFrame, go.Figure]:
+    """(label, EvalReport.summary()) pairs -> a table (accuracy in %) and a grouped bar chart, tasks in
+    the suite's order; ``colors``: label -> bar colour (default: the palette in order)."""
+    colors = colors or model_colors([label for label, _ in reports])
+    tasks = list(dict.fromkeys(t for _, r in reports for t in r["tasks"]))
     rows = []
     for label, report in reports:
         row = {"model": label, **{t: round(100 * report["tasks"][t], 1) for t in tasks if t in report["tasks"]}}
@@ -47,13 +61,14 @@ def table_and_chart(reports: list[tuple[str, dict]]) -> tuple[pd.DataFrame, go.F
     if tasks:
         for label, report in reports:
             figure.add_bar(name=label, x=tasks, y=[100 * report["tasks"].get(t, 0) for t in tasks],
-                           hovertemplate="%{x}: %{y:.1f}%<extra>" + label + "</extra>")
+                           marker_color=colors.get(label), hovertemplate="%{x}: %{y:.1f}%<extra>" + label + "</extra>")
         figure.update_layout(barmode="group", yaxis={"title": "accuracy (%, exact match)", "range": [0, 100]},
                              title="Task accuracy")
     else:
-        figure.add_bar(x=[label for label, _ in reports], y=[r["perplexity"] for _, r in reports])
+        figure.add_bar(x=[label for label, _ in reports], y=[r["perplexity"] for _, r in reports],
+                       marker_color=[colors.get(label) for label, _ in reports])
         figure.update_layout(yaxis={"title": "perplexity (lower is better)"}, title="Perplexity")
-    figure.update_layout(template="plotly_white", legend={"orientation": "h", "y": 1.1}, margin={"t": 80})
+    figure.update_layout(template=TEMPLATE)
     return pd.DataFrame(rows), figure
 
 
@@ -73,8 +88,15 @@ def build(settings: Settings, results: gr.State) -> None:
         run = gr.Button("Evaluate", variant="primary", scale=4)
         stop_button = gr.Button("Stop", variant="stop", scale=1)
     status = gr.Markdown()
-    table = gr.Dataframe(label="Results (accuracy in %)", interactive=False)
-    chart = gr.Plot(label="Accuracy")
+    table = gr.Dataframe(label="Results (accuracy in %)", interactive=False, visible=False)  # shown with results
+    chart = gr.Plot(label="Accuracy", visible=False)
+    base_label = label_of(settings, family[settings.base_name()])
+    source_labels = [label_of(settings, ref) for ref in family.values() if ref != family[settings.base_name()]]
+
+    def shown(reports: list[tuple[str, dict]]) -> tuple:
+        """The table and chart of ``reports``, made visible."""
+        frame, figure = table_and_chart(reports, colors_of([label for label, _ in reports], source_labels, base_label))
+        return gr.Dataframe(frame, visible=True), gr.Plot(figure, visible=True)
 
     @user_errors
     def run_eval(refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None, text: str,
@@ -106,9 +128,9 @@ def build(settings: Settings, results: gr.State) -> None:
             except Cancelled:
                 if not reports:
                     return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
-                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *table_and_chart(reports))
+                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *shown(reports))
             reports.append((label, report.summary()))
-        return (f"{len(reports)} models measured.", *table_and_chart(reports))
+        return (f"{len(reports)} models measured.", *shown(reports))
 
     stoppable(run.click, stop, run_eval, [models, suite, suite_file, text_file, pasted, results, stop],
               [status, table, chart], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)

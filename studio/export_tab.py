@@ -7,7 +7,11 @@ huggingface_hub finds (``HF_TOKEN`` or ``huggingface-cli login``). It is passed 
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import shutil
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import gradio as gr
 
 from chat.ab import redact
 from merging.errors import MergeStudioError
-from studio.common import INSTANT, UI, download_dir, user_errors
+from studio.common import INSTANT, UI, user_errors
 from studio.settings import Settings
 
 REPO = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -39,13 +43,33 @@ def _result_folder(output: str | None, done: list) -> Path:
 
 
 def zip_folder(folder: Path) -> Path:
-    """``<name>.zip`` of the folder (weights stored, text files deflated), in Gradio's file cache."""
-    target = download_dir() / f"{folder.name}.zip"
-    with zipfile.ZipFile(target, "w") as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                method = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
-                archive.write(path, f"{folder.name}/{path.relative_to(folder)}", compress_type=method)
+    """``<name>.zip`` of the folder (weights stored, text files deflated), in Gradio's file cache.
+
+    One zip per folder and modification time, at ``zips/<digest of the folder's path>/<mtime>/``:
+    asking again returns the same file, and a zip of an older version of the folder is deleted (a
+    merge can be gigabytes; each click must not add a copy). The folder lies in the session's own
+    folder, so sessions never share or delete each other's zips.
+    """
+    from gradio.utils import get_upload_folder
+
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    modified = max(path.stat().st_mtime_ns for path in [folder, *files])
+    home = Path(get_upload_folder()) / "merge-studio" / "zips" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    target = home / str(modified) / f"{folder.name}.zip"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{uuid.uuid4().hex}.partial")  # never served half-written
+        try:
+            with zipfile.ZipFile(partial, "w") as archive:
+                for path in files:
+                    method = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
+                    archive.write(path, f"{folder.name}/{path.relative_to(folder)}", compress_type=method)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    for older in home.iterdir():
+        if older != target.parent:
+            shutil.rmtree(older, ignore_errors=True)
     return target
 
 

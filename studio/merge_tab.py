@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import gradio as gr
 
 from merging.engine import merge
 from merging.errors import MergeCancelled
-from merging.methods import Param
+from merging.methods import REGISTRY, Param
 from merging.zoo.tasks import TASKS
 from studio import recipe_form as form
 from studio.common import HEAVY, INSTANT, UI, as_text, format_bytes, label_of, read_upload, session_dir, session_hash, stop_button as stop_on, stoppable, user_errors
@@ -36,26 +38,40 @@ def merge_into_session(settings: Settings, recipe_text: str, hash_: str | None, 
     recipe = form.recipe_from_text(recipe_text)
     home = settings.session_dir(hash_)
     prune_sessions(settings, keep=home)
-    out = _new_output(home / "merges", recipe.merge_method)
-    result = merge(recipe, out, device=settings.device, policy=settings.policy(hash_), progress=progress,
-                   cancel=cancel, resolver=settings.resolver(), calibration_progress=calibration_progress)
+    with new_output(home / "merges", recipe.merge_method) as out:
+        result = merge(recipe, out, device=settings.device, policy=settings.policy(hash_), progress=progress,
+                       cancel=cancel, resolver=settings.resolver(), calibration_progress=calibration_progress)
     return {"name": out.name, **result.summary()}
 
 
-def _new_output(parent: Path, method: str) -> Path:
+_RESERVED: set[Path] = set()  # output folders of merges still running (they appear only at the end)
+_RESERVING = threading.Lock()
+
+
+@contextmanager
+def new_output(parent: Path, method: str):
+    """A new folder name ``<method>-<time>`` under ``parent``, reserved for one merge until the block
+    ends: two merges started in the same second (heavy concurrency > 1) never share a folder."""
     parent.mkdir(parents=True, exist_ok=True)
     stem = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = parent / stem, 2
-    while out.exists() or any(p.name.startswith(f".{out.name}.") for p in parent.iterdir()):
-        out, n = parent / f"{stem}-{n}", n + 1
-    return out
+    with _RESERVING:
+        out, n = parent / stem, 2
+        while out in _RESERVED or out.exists() or any(p.name.startswith(f".{out.name}.") for p in parent.iterdir()):
+            out, n = parent / f"{stem}-{n}", n + 1
+        _RESERVED.add(out)
+    try:
+        yield out
+    finally:
+        with _RESERVING:
+            _RESERVED.discard(out)
 
 
 def summary_markdown(summary: dict) -> str:
     return (
         f"### ✓ Merged `{summary['name']}`\n"
         f"**{summary['method']}** in **{summary['seconds']:.2f} s** on {summary['device']}: {summary['tensors']} tensors, "
-        f"{format_bytes(summary['bytes'])} ({summary['dtype']}, {summary['shards']} shard(s)).\n\n"
+        f"{format_bytes(summary['bytes'])} ({summary['dtype']}, {summary['shards']} "
+        f"shard{'' if summary['shards'] == 1 else 's'}).\n\n"
         f"Output folder: `{summary['output']}`\n\n"
         "It is now offered in the Chat, Evaluate and Export tabs."
     )
@@ -101,7 +117,8 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
             with gr.Row():
                 dtype = gr.Dropdown(list(form.DTYPE_CHOICES), value="as base", label="Output dtype",
                                     info="float32 keeps small deltas exactly; bfloat16 halves the size")
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, info="random steps (DARE's drops)")
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, info="random steps (DARE's drops)",
+                                 visible=_seeded(start))
 
             @gr.render(inputs=[recipe], triggers=[layout.change, demo.load])
             def controls(current: dict):
@@ -116,7 +133,7 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
                 for index, entry in enumerate(current.get("models", [])):
                     with gr.Group():
                         gr.Markdown(f"**{as_text(label_of(settings, entry['model']))}**", padding=True)
-                        with gr.Row():
+                        with gr.Row(equal_height=True):  # the calibration column is taller than a weight box
                             for param in spec.model_params():
                                 _wire(_control(param, form.current_value(current, param, index), index == 0), param, index)
                             if spec.calibration:
@@ -167,18 +184,18 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
         box.input(change, [box, recipe], edit_outputs, **INSTANT)
         up.upload(uploaded, [up, recipe], edit_outputs, **UI)
 
-    def relayout(new: dict, old_layout: dict):
+    def relayout(old_layout: dict):
         return {"version": old_layout["version"] + 1}
 
     @user_errors
     def pick_models(base: str, sources: list[str], current: dict, old_layout: dict):
         new = form.with_models(current, base, sources or [], names, tasks)
-        return (*edited(new), relayout(new, old_layout))
+        return (*edited(new), relayout(old_layout))
 
     @user_errors
     def pick_method(name: str, current: dict, old_layout: dict):
         new = form.with_method(current, name, names, tasks)
-        return (*edited(new), relayout(new, old_layout), form.guidance(name))
+        return (*edited(new), relayout(old_layout), *_header(new)[1:])
 
     def pick_option(key: str):
         def change(value, current: dict):
@@ -191,20 +208,20 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
         try:
             new = form.parse(text)
         except Exception as exc:  # MergeStudioError, or anything odd the parser meets mid-typing
-            return current, f"⚠ {exc}", old_layout, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return current, f"⚠ {as_text(exc)}", old_layout, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         same = new["merge_method"] == current["merge_method"] and \
             [m["model"] for m in new["models"]] == [m["model"] for m in current["models"]]
-        return (new, _status(new), old_layout if same else relayout(new, old_layout), *_header(new))
+        return (new, _status(new), old_layout if same else relayout(old_layout), *_header(new))
 
     def left(text: str, current: dict, old_layout: dict):
         """Leaving the YAML editor: show its values in the controls."""
-        return old_layout if form.check(text) else relayout(current, old_layout)
+        return old_layout if form.check(text) else relayout(old_layout)
 
     @user_errors
     def load_file(path: str, old_layout: dict):
         text = read_upload(path, "recipe", MAX_RECIPE_BYTES)
         new = form.parse(text)
-        return (*edited(new), relayout(new, old_layout), *_header(new))
+        return (*edited(new), relayout(old_layout), *_header(new))
 
     @user_errors
     def run_merge(text: str, done: list, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
@@ -229,7 +246,7 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
     quick = {"show_progress": "hidden", **UI}
     models.base.change(pick_models, [models.base, models.sources, recipe, layout], [*edit_outputs, layout], **quick)
     models.sources.change(pick_models, [models.base, models.sources, recipe, layout], [*edit_outputs, layout], **quick)
-    method.input(pick_method, [method, recipe, layout], [*edit_outputs, layout, guide], **quick)
+    method.input(pick_method, [method, recipe, layout], [*edit_outputs, layout, guide, dtype, seed], **quick)
     dtype.input(pick_option("dtype"), [dtype, recipe], edit_outputs, **INSTANT)
     seed.input(pick_option("seed"), [seed, recipe], edit_outputs, **INSTANT)
     header = [method, guide, dtype, seed]
@@ -246,9 +263,15 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
 def _header(recipe: dict) -> tuple:
     """Method, guidance, dtype and seed controls showing ``recipe``."""
     method = recipe["merge_method"]
-    return method, form.guidance(method), recipe.get("out_dtype") or recipe.get("dtype") or "as base", recipe.get("seed", 0)
+    return (method, form.guidance(method), recipe.get("out_dtype") or recipe.get("dtype") or "as base",
+            gr.Number(recipe.get("seed", 0), visible=_seeded(recipe)))
+
+
+def _seeded(recipe: dict) -> bool:
+    """Whether the recipe's method has random steps, the only ones a seed changes (DARE's drops)."""
+    return REGISTRY[recipe["merge_method"]].spec.randomized
 
 
 def _status(recipe: dict) -> str:
     problem = form.check(recipe)
-    return f"⚠ {problem}" if problem else "✓ valid recipe"
+    return f"⚠ {as_text(problem)}" if problem else "✓ valid recipe"

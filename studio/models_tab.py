@@ -70,8 +70,8 @@ def build(settings: Settings) -> ModelsTab:
                               info=f"fine-tunes of the base: {where}")
     inspect_button = gr.Button("Inspect models", variant="secondary")
     verdict = gr.Markdown()
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, label="Models",
-                         column_widths=["6%", "12%", "12%", "7%", "7%", "8%", "16%", "32%"])
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, label="Models", elem_id="models-table",
+                         column_widths=["6%", "11%", "13%", "9%", "7%", "8%", "16%", "30%"])
 
     @user_errors
     def inspect(base_value: str, source_values: list[str], request: gr.Request):

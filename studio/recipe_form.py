@@ -45,10 +45,16 @@ GUIDANCE = {
                "use: 0.1 (T5), 0.6 (GPT-2), 0.95 (CLIP); 1 is the exact least-squares merge.",
 }
 
-SUGGESTED = {  # starting values from GUIDANCE, applied when a method is chosen (the user can change them)
+# Starting values from GUIDANCE, applied when a method is chosen (the user can change them). Where
+# weights are relative (divided by their sum: linear, TIES, Fisher, RegMean) they start equal, at 1,
+# written out because mergekit requires the key; where a weight scales a task vector, at 0.4.
+SUGGESTED = {
+    "linear": {"weight": 1.0},
+    "fisher": {"weight": 1.0},
+    "regmean": {"weight": 1.0},
     "task_arithmetic": {"weight": 0.4},
     "dare_linear": {"weight": 0.4, "density": 0.3},
-    "ties": {"density": 0.3},
+    "ties": {"weight": 1.0, "density": 0.3},
     "dare_ties": {"density": 0.3},
     "breadcrumbs": {"density": 0.9},
     "breadcrumbs_ties": {"density": 0.9},
@@ -60,7 +66,13 @@ def spec_of(recipe: dict) -> MethodSpec:
 
 
 def method_choices() -> list[tuple[str, str]]:
-    return [(f"{m.spec.title} ({name})", name) for name, m in REGISTRY.items()]
+    """(label, name) of every method: its title, then the name a recipe's ``merge_method`` uses."""
+    return [(f"{m.spec.title} — {name}", name) for name, m in REGISTRY.items()]
+
+
+def starting_value(method: str, param: Param):
+    """What the form gives ``param`` when ``method`` is chosen: the suggestion, else the spec's default."""
+    return SUGGESTED.get(method, {}).get(param.name, param.default)
 
 
 def guidance(method: str) -> str:
@@ -112,24 +124,40 @@ def with_models(recipe: dict, base: str | None, sources: list[str], names: dict[
     return out
 
 
+def _chosen(values: dict, old_method: str | None, spec: MethodSpec) -> dict:
+    """The ``values`` (parameter -> value) worth keeping for ``spec``'s method: those it also has,
+    except a value equal to the old method's starting value, which was the form's choice rather
+    than the user's (task arithmetic's weight 0.4 must not become RegMean's)."""
+    old = REGISTRY[old_method].spec if old_method in REGISTRY else None
+    kept = {}
+    for key, value in values.items():
+        before = old.param(key) if old else None
+        if spec.param(key) and not (before and value == starting_value(old.name, before)):
+            kept[key] = value
+    return kept
+
+
 def with_method(recipe: dict, method: str, names: dict[str, str] | None = None,
                 calibration_tasks: tuple[str, ...] = ()) -> dict:
-    """The recipe switched to ``method``: settings the new method also has are kept, the others dropped."""
+    """The recipe switched to ``method``. A setting the new method also has keeps the user's value;
+    one still at the old method's starting value, or missing, takes the new method's (``SUGGESTED``,
+    else the spec's default); settings the new method lacks are dropped."""
     if method not in REGISTRY:
         raise MergeStudioError(f"unknown merge method {method!r}; choose one from the list")
     spec = REGISTRY[method].spec
     names = names or {}
+    previous = recipe.get("merge_method")
     out = {k: copy.deepcopy(v) for k, v in recipe.items() if k not in ("parameters", "models", "seed")}
     out["merge_method"] = method
     suggested = SUGGESTED.get(method, {})
-    params = {k: v for k, v in recipe.get("parameters", {}).items() if spec.param(k)}
+    params = _chosen(recipe.get("parameters", {}), previous, spec)
     params.update({k: v for k, v in suggested.items() if spec.param(k) and spec.param(k).scope == "global" and k not in params})
     if params:
         out["parameters"] = params
     models = []
     for old in recipe.get("models", []):
         entry = {"model": old["model"]}
-        kept = {k: v for k, v in old.get("parameters", {}).items() if spec.param(k) and spec.param(k).scope == "model"}
+        kept = {k: v for k, v in _chosen(old.get("parameters", {}), previous, spec).items() if spec.param(k).scope == "model"}
         kept.update({k: v for k, v in suggested.items() if spec.param(k) and spec.param(k).scope == "model" and k not in kept})
         if kept:
             entry["parameters"] = kept

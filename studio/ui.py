@@ -12,6 +12,7 @@ from studio.settings import Settings
 CSS = """
 #merge-summary code { word-break: break-all; }
 .gradio-container { max-width: 1500px !important; }
+#models-table { --font-mono: var(--font); }  /* prose, not code: whole words in the headers, a real ✓ */
 """
 TABS = ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export")
 

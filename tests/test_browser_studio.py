@@ -62,7 +62,7 @@ def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
     # Merge: the controls follow the method's spec, and edits reach the YAML.
     page.get_by_role("tab", name="Merge").click()
     page.get_by_label("Merge method").click()
-    page.get_by_role("option", name="TIES (ties)").click()
+    page.get_by_role("option", name="TIES — ties", exact=True).click()
     density = page.get_by_label("number input for density")
     density.first.wait_for()
     assert density.count() == 2, "one density control per source model"

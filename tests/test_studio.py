@@ -211,7 +211,7 @@ def test_recipe_form_follows_the_method_spec(tiny):
     assert [m["parameters"]["weight"] for m in recipe["models"]] == [0.4, 0.4]  # the guidance's 0.3-0.5
     assert form.check(recipe) == ""
     ties = form.with_method(recipe, "ties")
-    assert ties["models"][0]["parameters"] == {"weight": 0.4, "density": 0.3}
+    assert ties["models"][0]["parameters"] == {"weight": 1.0, "density": 0.3}  # TIES normalizes: equal weights
     density = REGISTRY["ties"].spec.param("density")
     edited = form.set_param(ties, density, 0.55, index=1)
     assert edited["models"][1]["parameters"]["density"] == 0.55 and ties["models"][1]["parameters"]["density"] == 0.3
@@ -314,3 +314,93 @@ def test_a_hosted_server_caps_upload_size(tiny_settings):
     from studio.ui import launch_options
 
     assert launch_options(replace(tiny_settings, hosted=True))["max_file_size"] == "200mb"
+
+
+def test_switching_method_takes_the_new_methods_starting_values_and_keeps_typed_ones(tiny):
+    from merging.methods import REGISTRY
+    from studio import recipe_form as form
+
+    base, sources = str(tiny.base), [str(m) for m in tiny.finetuned]
+    weight = REGISTRY["task_arithmetic"].spec.param("weight")
+    recipe = form.set_param(form.initial(base, sources), weight, 0.7, index=1)  # model 0 keeps TA's 0.4
+    regmean = form.with_method(recipe, "regmean")
+    assert [m["parameters"]["weight"] for m in regmean["models"]] == [1.0, 0.7]  # relative weights start equal
+    assert [m["parameters"]["weight"] for m in form.with_method(regmean, "task_arithmetic")["models"]] == [0.4, 0.7]
+    breadcrumbs = form.with_method(form.with_method(recipe, "ties"), "breadcrumbs")
+    assert breadcrumbs["models"][0]["parameters"]["density"] == 0.9  # not TIES's 0.3
+    normalize = REGISTRY["ties"].spec.param("normalize")
+    linear = form.with_method(form.set_param(form.with_method(recipe, "ties"), normalize, False), "linear")
+    assert linear["parameters"] == {"normalize": False}  # a global the user set is kept too
+    assert "normalize" not in form.with_method(form.with_method(recipe, "ties"), "linear").get("parameters", {})
+    labels = {name: label for label, name in form.method_choices()}
+    assert labels["regmean"] == "RegMean (regression mean) — regmean" and labels["ties"] == "TIES — ties"
+
+
+def test_merge_tab_seed_summary_and_status_text():
+    from studio.merge_tab import _seeded, _status, summary_markdown
+
+    assert [m for m in ("ties", "dare_ties", "dare_linear", "regmean") if _seeded({"merge_method": m})] == [
+        "dare_ties", "dare_linear"]
+    summary = {"name": "ties-1", "method": "ties", "seconds": 1.0, "device": "cpu", "tensors": 3, "bytes": 2e6,
+               "dtype": "bfloat16", "shards": 1, "output": "/x"}
+    assert "(bfloat16, 1 shard)" in summary_markdown(summary)
+    assert "(bfloat16, 2 shards)" in summary_markdown({**summary, "shards": 2})
+    status = _status({"merge_method": "linear", "models": [{"model": "a"}], "<img src=x onerror=alert(1)>": 1})
+    assert status.startswith("⚠") and "<img" not in status and "&lt;img" in status
+
+
+def test_merge_summary_names_the_dtype_written(tiny, tmp_path):
+    from merging import load_recipe, merge
+
+    recipe = yaml.safe_load(ties_recipe(tiny))
+    assert merge(load_recipe(recipe), tmp_path / "as-base", device="cpu").summary()["dtype"] == "float32"
+    summary = merge(load_recipe({**recipe, "dtype": "bfloat16"}), tmp_path / "bf16", device="cpu").summary()
+    assert summary["dtype"] == "bfloat16"
+
+
+def test_merge_output_folders_are_reserved_until_the_merge_ends(tmp_path, monkeypatch):
+    from studio import merge_tab
+
+    monkeypatch.setattr(merge_tab.time, "strftime", lambda _format: "20250101-120000")  # the same second
+    with merge_tab.new_output(tmp_path, "ties") as first, merge_tab.new_output(tmp_path, "ties") as second:
+        assert first != second and {first.name, second.name} == {"ties-20250101-120000", "ties-20250101-120000-2"}
+        assert not first.exists()  # only a name: the engine creates the folder
+    with merge_tab.new_output(tmp_path, "ties") as again:
+        assert again == first  # released (nothing was written there)
+
+
+def test_export_zip_is_reused_and_replaced_when_the_folder_changes(tiny, tmp_path):
+    import os
+    import shutil
+
+    from merging import load_recipe, merge
+    from studio.export_tab import zip_folder
+
+    out = merge(load_recipe(ties_recipe(tiny)), tmp_path / "merged", device="cpu").output
+    first = zip_folder(out)
+    home = first.parent.parent
+    try:
+        assert zip_folder(out) == first and first.name == "merged.zip"
+        assert [p for p in home.rglob("*") if p.is_file()] == [first]  # two clicks, one zip
+        card = out / "README.md"
+        os.utime(card, ns=(card.stat().st_atime_ns, card.stat().st_mtime_ns + 10**9))
+        second = zip_folder(out)
+        assert second != first and [p for p in home.rglob("*") if p.is_file()] == [second]
+    finally:
+        shutil.rmtree(home)
+
+
+def test_evaluation_keeps_the_suite_order_and_the_redundancy_colours():
+    from studio.evaluate_tab import colors_of, table_and_chart
+    from viz.figures import NEUTRAL, model_colors
+
+    reports = [("base", {"tasks": {"people": 0.5, "creatures": 0.25}, "perplexity": None}),
+               ("creatures", {"tasks": {"people": 0.0, "creatures": 1.0}, "perplexity": None}),
+               ("merged: x", {"tasks": {"people": 0.5, "creatures": 0.75}, "perplexity": None})]
+    sources = ["people", "creatures"]
+    colors = colors_of([label for label, _ in reports], sources, "base")
+    table, figure = table_and_chart(reports, colors)
+    assert list(table.columns) == ["model", "people", "creatures", "mean accuracy"]
+    assert list(figure.data[0].x) == ["people", "creatures"]
+    assert [bar.marker.color for bar in figure.data] == [NEUTRAL, model_colors(sources)["creatures"], colors["merged: x"]]
+    assert colors["merged: x"] not in {NEUTRAL, *model_colors(sources).values()}
