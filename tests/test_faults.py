@@ -106,3 +106,55 @@ def test_a_cancelled_merge_frees_its_memory(tmp_path):
     assert not (tmp_path / "cancelled").exists()
     print(f"RSS before {before / 2**20:.0f} MiB, peak during {peak[0] / 2**20:.0f} MiB, after cancel {after / 2**20:.0f} MiB")
     assert after - before < 16 * 2**20, f"{(after - before) / 2**20:.1f} MiB still held after the cancelled merge"
+
+
+def test_a_stopped_generation_frees_its_memory():
+    """A chat answer stopped midway gives back the KV cache of its long conversation (about
+    25 MB here): RSS falls back by most of it, and stopping four more answers adds nothing,
+    where a leak would add 25 MB each time. Freed heap is handed back to the system
+    (``malloc_trim``) before each reading, so RSS counts what is live, not what glibc keeps."""
+    import ctypes
+    import gc
+    import threading
+
+    import psutil
+
+    from chat import ModelPool, SamplingParams, stream
+
+    fam = family("llama", 1, num_layers=4, hidden_size=512, vocab_size=512, seed=72)
+    pool = ModelPool("1GB", "cpu")
+    process = psutil.Process()
+    libc = ctypes.CDLL("libc.so.6")
+
+    def live_rss() -> int:
+        gc.collect()
+        libc.malloc_trim(0)
+        return process.memory_info().rss
+
+    with pool.get(str(fam.base)) as handle:
+        words = "the quick brown fox jumps over a lazy dog and runs far away " * 60
+        tokens = len(handle.tokenizer(words)["input_ids"])
+        message = [{"role": "user", "content": words[: int(len(words) * 1500 / tokens)]}]  # about 1,500 tokens
+        greedy = SamplingParams(temperature=0, max_new_tokens=400)
+        for _ in stream(handle, [{"role": "user", "content": "hi"}], greedy):  # first-use allocations
+            pass
+
+        def stopped_answer() -> tuple[int, int]:
+            """(RSS while answering, RSS after Stop)."""
+            stop, during = threading.Event(), 0
+            for count, _ in enumerate(stream(handle, message, greedy, stop), 1):
+                if count == 5:
+                    during = process.memory_info().rss
+                    stop.set()
+            return during, live_rss()
+
+        before = live_rss()
+        during, after = stopped_answer()
+        for _ in range(4):
+            _, last = stopped_answer()
+    held, kv = after - before, during - before
+    print(f"RSS before {before / 2**20:.0f} MiB, while answering {during / 2**20:.0f} MiB, after Stop "
+          f"{after / 2**20:.0f} MiB, after four more {last / 2**20:.0f} MiB")
+    assert kv > 16 * 2**20, "the KV cache should be measurable while answering"
+    assert held < kv / 2, f"{held / 2**20:.1f} of {kv / 2**20:.1f} MiB still held after the stopped answer"
+    assert last - after < 4 * 2**20, f"{(last - after) / 2**20:.1f} MiB more after four more stopped answers: a leak"
