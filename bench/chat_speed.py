@@ -17,6 +17,7 @@ than one panel's. Prints a Markdown table; ``--json PATH`` writes the numbers.
 
     python bench/chat_speed.py                         # demo family, CPU, ~3 minutes
     python bench/chat_speed.py --max-new-tokens 32 --repeats 1    # quicker
+    python bench/chat_speed.py --device cuda          # a GPU: static KV cache + compiled step
 """
 
 from __future__ import annotations
@@ -82,14 +83,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", help="three model folders (default: the demo family's base, geography, people)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decoding", choices=["auto", "dynamic", "static", "compiled"], default="auto",
+                        help="how the panels decode (chat.decoding); auto: compiled on CUDA, dynamic on CPU")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     refs = args.models or demo_models()
-    pool = ModelPool("64GB", args.device)
+    loading = time.perf_counter()
+    pool = ModelPool("64GB", args.device, decoding=args.decoding)
     handles = [pool.get(ref) for ref in refs]
+    load_s = time.perf_counter() - loading  # with the compilation and warm-up of compiled decoding
     params = SamplingParams(temperature=0, max_new_tokens=args.max_new_tokens)
     expected = []
     for handle in handles:  # warm-up, and the tokens each model writes
@@ -114,6 +119,7 @@ def main() -> int:
     one = rows[0]["per_panel_tok_s"][0]
     result = {
         "device": str(handles[0].device), "dtype": str(pool.dtype).removeprefix("torch."),
+        "decoding": pool.decoding, "load_and_warm_up_s": round(load_s, 1),
         "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
         "models": refs, "prompt": PROMPT, "max_new_tokens": args.max_new_tokens,
         "tokens": [count for _, count in expected], "repeats": args.repeats,
@@ -122,7 +128,8 @@ def main() -> int:
         "three_panels_total_vs_one": round(rows[-1]["total_tok_s"] / one, 3) if len(rows) >= 3 else None,
         "greedy_text_differs_from_generate": sorted(set(mismatches)),
     }
-    print(f"{result['device']}, {result['dtype']}, {result['torch_threads']} torch threads; tokens per model "
+    print(f"{result['device']}, {result['dtype']}, {pool.decoding} decoding (models loaded and warmed up in "
+          f"{load_s:.0f} s), {result['torch_threads']} torch threads; tokens per model "
           f"{result['tokens']}; median of {args.repeats}\n")
     print("| setting | tokens/s per panel | total tokens/s |\n|---|---|---|")
     print(f"| `model.generate`, model 1 alone | {generate_rate:.2f} | {generate_rate:.2f} |")

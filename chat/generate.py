@@ -24,7 +24,6 @@ writing the next ``User:`` turn itself.
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 from dataclasses import asdict, dataclass
@@ -202,18 +201,6 @@ class _Detokenizer:
         return self._delta(self._decode())
 
 
-@torch.inference_mode()
-def _forward(model, ids: torch.Tensor, cache, keep_last: bool):
-    """Logits of the last position (float32) and the updated KV cache."""
-    kwargs = {"logits_to_keep": 1} if keep_last else {}
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-    return out.logits[0, -1].float(), out.past_key_values
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Greedy, or temperature + top-p sampling with ``generator`` (drawn on the CPU)."""
     if params.greedy:
@@ -256,13 +243,13 @@ class _Stream:
 
     def steps(self) -> Iterator[str]:
         """One text delta (possibly empty) per generated token, until EOS, a stop string, the token limit or Stop."""
-        model, params = self.model, self.params
+        params = self.params
         generator = torch.Generator().manual_seed(params.seed)
-        keep_last = _accepts_logits_to_keep(model)
-        ids, cache = self.prompt_ids.to(model.device), None
+        run = self.handle.decoder.run(self.prompt_ids.shape[1] + self.max_new_tokens)
+        token = None
         try:
             while self.tokens < self.max_new_tokens and not self.stop_event.is_set():
-                logits, cache = _forward(model, ids, cache, keep_last)
+                logits = run.prefill(self.prompt_ids) if token is None else run.step(token)
                 token = next_token(logits, params, generator)
                 if token in self.eos_ids:
                     break
@@ -270,10 +257,9 @@ class _Stream:
                 yield self.detokenizer.push(token)
                 if self.detokenizer.stopped:
                     return
-                ids = torch.tensor([[token]], device=model.device)
             yield self.detokenizer.finish()
         finally:
-            del cache, ids  # the KV cache goes now, also when the consumer stops early
+            run.close()  # the KV cache goes now (or its static slot is reset), also when the consumer stops early
 
 
 def stream(handle: ModelHandle, messages: Sequence[Message], params: SamplingParams,

@@ -19,6 +19,9 @@ be released, then refuses with a message naming what is in use. The KV cache and
 of a generation are not part of the budget: for chat-length contexts on small models they
 are a few percent of the weights; leave that headroom when choosing the budget.
 
+Each loaded model gets a ``chat.decoding.Decoder`` (a dynamic KV cache on CPU; static caches and a
+compiled step on CUDA, compiled while loading, not on a user's first message).
+
 A model is identified by its resolved folder plus a fingerprint of its weights files (inode,
 size, mtime), so a merge output re-created at the same path is loaded afresh; the old copy
 is freed as soon as no one holds it.
@@ -33,6 +36,7 @@ once load it once. Loads of different models wait for each other on
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import random
 import threading
@@ -47,9 +51,12 @@ import torch
 
 from merging.checkpoint import INDEX_NAME, CheckpointReader, parse_size, pickle_files, safetensors_files
 from merging.checkpoint import format_size as format_bytes
+from chat.decoding import Decoder, decoding_mode
 from merging.engine import pick_device
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy, resolve_model, snapshot_download
+
+log = logging.getLogger("merge_studio.chat")
 
 BUDGET_ENV = "MERGE_STUDIO_CHAT_BUDGET"  # e.g. "4GB"; read by default_budget()
 DEFAULT_BUDGET_FRACTION = 0.5  # of the memory available on the device when no budget is given
@@ -175,6 +182,7 @@ class _Entry:
     nbytes: int
     model: torch.nn.Module | None
     tokenizer: object | None
+    decoder: Decoder | None
     # Fast tokenizers raise "Already borrowed" when two threads use one at once.
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
     leases: int = 0
@@ -213,6 +221,10 @@ class ModelHandle:
     @property
     def tokenizer(self):
         return self._live().tokenizer
+
+    @property
+    def decoder(self) -> Decoder:
+        return self._live().decoder
 
     @property
     def tokenizer_lock(self) -> threading.Lock:
@@ -254,7 +266,9 @@ class ModelPool:
     ``device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:n]``. ``dtype``: default
     ``chat_dtype(device)``. ``wait_s``: how long ``get`` waits for held models to be released
     when they leave too little room, before refusing. ``download``: the Hub downloader of
-    ``merging.sources.resolve_model``.
+    ``merging.sources.resolve_model``. ``decoding``: how loaded models decode (``chat.decoding``:
+    auto, dynamic, static or compiled; default ``$MERGE_STUDIO_CHAT_DECODING`` or auto, i.e.
+    compiled on CUDA, warmed up when the model loads).
     """
 
     def __init__(
@@ -266,9 +280,11 @@ class ModelPool:
         dtype: torch.dtype | None = None,
         wait_s: float = 0.0,
         download: Callable[[str, str | None, list[str]], str] = snapshot_download,
+        decoding: str | None = None,
     ):
         self.device = pick_device(device)
         self.dtype = dtype or chat_dtype(self.device)
+        self.decoding = decoding_mode(decoding, self.device)
         self.budget_bytes = default_budget(self.device) if budget_bytes is None else parse_budget(budget_bytes)
         self.policy = policy
         self.wait_s = wait_s
@@ -420,7 +436,8 @@ class ModelPool:
                 self._reserved -= need
                 self._changed.notify_all()
             raise
-        entry = _Entry(key, ref, folder, module_nbytes(model), model, tokenizer, leases=1)
+        decoder = self._decoder(model, tokenizer, ref)
+        entry = _Entry(key, ref, folder, module_nbytes(model), model, tokenizer, decoder, leases=1)
         with self._lock:
             self._reserved -= need
             self._entries[key] = entry
@@ -430,6 +447,18 @@ class ModelPool:
             self._changed.notify_all()
         self._free(victims)
         return entry
+
+    def _decoder(self, model: torch.nn.Module, tokenizer, ref: str) -> Decoder:
+        """The model's decoder, warmed up (compiled) now rather than on a user's first message.
+        A compilation that fails leaves the model decoding with a dynamic cache: slower, working."""
+        decoder = Decoder(model, self.decoding)
+        try:
+            decoder.warm_up(tokenizer.eos_token_id or 0)
+        except Exception as exc:  # inductor / CUDA-graph failures take many forms
+            log.warning("%s decoding of %s failed to warm up (%s: %s); it decodes with a dynamic cache",
+                        self.decoding, ref, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            decoder = Decoder(model, "dynamic")
+        return decoder
 
     def _make_room(self, ref: str, need: int, wait_s: float) -> list[_Entry]:
         """Reserve ``need`` bytes, evicting unheld models (least recently used first); returns them to free.
@@ -486,6 +515,7 @@ class ModelPool:
         for entry in entries:
             entry.model = None
             entry.tokenizer = None
+            entry.decoder = None
         gc.collect()  # models hold reference cycles (modules <-> hooks), so refcounting alone is not enough
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
