@@ -115,13 +115,16 @@ def task_accuracy(model, tokenizer, examples: list[Example], on_batch=None, canc
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
-    """exp(mean next-token negative log-likelihood) over ``text``, in non-overlapping windows."""
+def perplexity(model, tokenizer, text: str, window: int = 512, cancel=None) -> float:
+    """exp(mean next-token negative log-likelihood) over ``text``, in non-overlapping windows;
+    a set ``cancel`` event stops between windows (a long text is many of them)."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
         raise MergeStudioError("the perplexity text is too short (fewer than 2 tokens)")
     total, count = 0.0, 0
     for start in range(0, ids.numel() - 1, window):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation stopped")
         piece = ids[start : start + window + 1].unsqueeze(0).to(model.device)
         if piece.shape[1] < 2:
             break
@@ -137,9 +140,11 @@ def evaluate(folder: str | Path, suite: str | Path | None = "zoo", text: str | P
     """Accuracy on each task of ``suite`` and, if ``text`` (a file) is given, perplexity on it.
 
     ``progress(done, total)`` counts answered prompts; a set ``cancel`` event raises
-    ``Cancelled`` at the next batch.
+    ``Cancelled`` at the next batch of prompts or window of text, or before the model loads.
     """
     suites = load_suite(suite) if suite is not None else {}  # a bad suite fails before the model loads
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("evaluation stopped")
     model, tokenizer = load_model(Path(folder), device)
     report = EvalReport()
     total = sum(len(examples) for examples in suites.values())
@@ -156,5 +161,5 @@ def evaluate(folder: str | Path, suite: str | Path | None = "zoo", text: str | P
             content = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise MergeStudioError(f"cannot read text file {text}: {exc}") from None
-        report.perplexity = perplexity(model, tokenizer, content)
+        report.perplexity = perplexity(model, tokenizer, content, cancel=cancel)
     return report

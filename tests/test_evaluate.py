@@ -87,3 +87,34 @@ def test_progress_counts_prompts_and_stop_ends_between_batches(tmp_path):
     with pytest.raises(Cancelled, match="stopped"):
         evaluate(fam.base, suite, device="cpu", progress=stop_after_first_batch, cancel=stop)
     assert answered == [16]
+
+
+def test_stop_ends_a_perplexity_only_evaluation_between_windows(tmp_path, monkeypatch):
+    """With no task suite, Stop used to wait for the whole text; now it ends at the next window."""
+    import threading
+
+    import merging.evaluate as ev
+    from merging.errors import Cancelled
+
+    fam = family("llama", 1)
+    text = tmp_path / "long.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    windows, stop = [], threading.Event()
+    real_perplexity = ev.perplexity
+
+    def perplexity_stopped_after_the_first_window(model, tokenizer, content, window=512, cancel=None):
+        def forward(*args, **kwargs):  # the model's own forward pass, counted; Stop pressed after the first
+            windows.append(1)
+            stop.set()
+            return real_forward(*args, **kwargs)
+
+        real_forward = model.forward
+        monkeypatch.setattr(model, "forward", forward)
+        return real_perplexity(model, tokenizer, content, window=window, cancel=cancel)
+
+    monkeypatch.setattr(ev, "perplexity", perplexity_stopped_after_the_first_window)
+    with pytest.raises(Cancelled, match="stopped"):
+        evaluate(fam.base, None, text, device="cpu", cancel=stop)
+    assert len(windows) == 1, f"{len(windows)} windows ran after Stop"
+    with pytest.raises(Cancelled):  # already stopped: the model is not even loaded
+        evaluate(fam.base, None, text, device="cpu", cancel=stop)
