@@ -158,3 +158,64 @@ def test_blind_ab_vote_is_recorded_and_reveals_the_models(page, tiny, tmp_path):
         assert vote[side][0]["content"] == prompt and vote[side][1]["content"].strip()
     shot(page, tmp_path, "blind-ab-voted")
     assert not page.errors, page.errors
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
+def test_stop_cancels_a_merge_still_waiting_behind_another_users_job(page, tiny_settings, tmp_path):  # noqa: F811
+    """Heavy jobs of all users share one slot: a Stop pressed while this user's merge waits in the
+    queue behind another user's merge still cancels it when its turn comes; nothing is written."""
+    import time
+    from dataclasses import replace
+
+    import yaml
+    from gradio_client import Client
+    from gradio_client.utils import Status
+    from helpers import family
+    from merging.evaluate import MODEL_LOAD_LOCK
+    from playwright.sync_api import expect
+    from test_faults import BIG
+
+    # Another user's merge holds the heavy slot for a few seconds: TIES over the ~34 MB/model
+    # family, each fine-tune listed 24 times (~0.1 s per listed model here). Built under the lock
+    # of model construction: a studio's Models tab may be building a model on the meta device.
+    with MODEL_LOAD_LOCK:
+        big = family("llama", 2, **BIG)
+    recipe = yaml.safe_dump({"merge_method": "ties", "base_model": str(big.base), "models": [
+        {"model": str(big.finetuned[i % 2]), "parameters": {"weight": 1.0, "density": 0.5}} for i in range(48)]})
+    settings = replace(tiny_settings, work_dir=tmp_path / "work", heavy_concurrency=1)
+    demo, url = launch(settings)
+    ours = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})  # a session of its own
+    try:
+        ours.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        ours.on("pageerror", lambda error: errors.append(str(error)))
+        ours.goto(url)
+        ours.get_by_role("tab", name="Merge").click()
+        ours.get_by_text("✓ valid recipe").wait_for()  # the tiny family's default recipe
+
+        job = Client(url, verbose=False).submit(recipe, api_name="/merge_recipe")
+        while job.status().code != Status.PROCESSING:
+            assert not job.done(), "the other user's merge ended before it could hold the slot"
+            time.sleep(0.02)
+        ours.get_by_role("button", name="Merge", exact=True).click()
+        summary = ours.locator("#merge-summary")
+        expect(summary).to_contain_text(re.compile(r"queue: 1/1"), timeout=5_000)  # waiting behind the other merge
+        assert not job.done(), "the other merge must still hold the slot when Stop is pressed"
+        ours.get_by_role("button", name="Stop", exact=True).click()
+
+        expect(summary).to_contain_text(re.compile("Merge stopped|Merged"))
+        assert "Merge stopped; nothing was written." in summary.inner_text(), summary.inner_text()
+        done = job.result(timeout=120)
+        assert done["method"] == "ties" and done["tensors"] > 0
+        assert (Path(done["output"]) / "model.safetensors").is_file()
+        theirs = Path(done["output"]).parents[1]
+        # Our merge ran when its turn came (our session folder exists) and stopped before writing anything.
+        mine = [folder for folder in settings.sessions_dir().iterdir() if folder != theirs]
+        assert len(mine) == 1, list(settings.sessions_dir().iterdir())
+        assert not list((mine[0] / "merges").iterdir()), list((mine[0] / "merges").iterdir())
+        assert [p.name for p in (theirs / "merges").iterdir()] == [Path(done["output"]).name]
+        shot(ours, tmp_path, "merge-stopped-in-queue")
+        assert not errors, errors
+    finally:
+        ours.close()
+        demo.close()
