@@ -72,7 +72,8 @@ def table_and_chart(reports: list[tuple[str, dict]], colors: dict[str, str] | No
     return pd.DataFrame(rows), figure
 
 
-def build(settings: Settings, results: gr.State) -> None:
+def build(settings: Settings, results: gr.State, picked) -> None:
+    """``picked``: the Models tab's base and sources, whose colours the chart shares with the Redundancy tab."""
     family = settings.family()
     gr.Markdown("Exact-match accuracy on task prompts (each through the model's chat template, greedy) "
                 "and perplexity on a text, for any of the models. Compare the merges with their sources.")
@@ -90,17 +91,17 @@ def build(settings: Settings, results: gr.State) -> None:
     status = gr.Markdown()
     table = gr.Dataframe(label="Results (accuracy in %)", interactive=False, visible=False)  # shown with results
     chart = gr.Plot(label="Accuracy", visible=False)
-    base_label = label_of(settings, family[settings.base_name()])
-    source_labels = [label_of(settings, ref) for ref in family.values() if ref != family[settings.base_name()]]
-
-    def shown(reports: list[tuple[str, dict]]) -> tuple:
-        """The table and chart of ``reports``, made visible."""
-        frame, figure = table_and_chart(reports, colors_of([label for label, _ in reports], source_labels, base_label))
+    def shown(reports: list[tuple[str, dict]], base: str | None, sources: list[str]) -> tuple:
+        """The table and chart of ``reports``, made visible, each source in its Redundancy-tab colour."""
+        labels = [label for label, _ in reports]
+        colors = colors_of(labels, [label_of(settings, ref) for ref in sources or []], label_of(settings, base) if base else None)
+        frame, figure = table_and_chart(reports, colors)
         return gr.Dataframe(frame, visible=True), gr.Plot(figure, visible=True)
 
     @user_errors
     def run_eval(refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None, text: str,
-                 done: list, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
+                 done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
+                 progress=gr.Progress()):
         cancel = signal.event
         if not refs:
             raise MergeStudioError("tick at least one model to evaluate")
@@ -128,11 +129,12 @@ def build(settings: Settings, results: gr.State) -> None:
             except Cancelled:
                 if not reports:
                     return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
-                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *shown(reports))
+                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *shown(reports, base, sources))
             reports.append((label, report.summary()))
-        return (f"{len(reports)} models measured.", *shown(reports))
+        return (f"{len(reports)} models measured.", *shown(reports, base, sources))
 
-    stoppable(run.click, stop, run_eval, [models, suite, suite_file, text_file, pasted, results, stop],
+    stoppable(run.click, stop, run_eval, [models, suite, suite_file, text_file, pasted, results, picked.base,
+                                          picked.sources, stop],
               [status, table, chart], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     stop_on(stop_button, stop)
     results.change(lambda done, value: gr.CheckboxGroup(choices=model_choices(settings, done), value=value),

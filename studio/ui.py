@@ -36,7 +36,7 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
             with gr.Tab("Chat"):
                 chat_tab.build(settings, pool, merged.results)
             with gr.Tab("Evaluate"):
-                evaluate_tab.build(settings, merged.results)
+                evaluate_tab.build(settings, merged.results, models)
             with gr.Tab("Export"):
                 export_tab.build(settings, merged.results)
         api.register(settings, pool)
