@@ -16,9 +16,34 @@ from merging.methods import REGISTRY
 from merging.methods.spec import REQUIRED
 
 
+DEBUG = dict(action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def add_debug(parser: argparse.ArgumentParser, commands) -> None:
+    """``--debug`` before the command and after it, on each of ``commands`` (its subparsers):
+    SUPPRESS leaves a ``--debug`` given before the command in place when none follows it."""
+    for command in commands.choices.values():
+        command.add_argument("--debug", default=argparse.SUPPRESS, **DEBUG)
+
+
+def run_command(handler, args, interrupted: str) -> int:
+    """``handler(args)``, with bad input as one ``error: ...`` line and exit status 1 (``--debug``:
+    the traceback), and Ctrl-C as ``error: interrupted; <interrupted>`` and 130."""
+    try:
+        return handler(args)
+    except MergeStudioError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m merging", description="Merge fine-tuned models of one architecture.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--debug", **DEBUG)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("merge", help="merge the models of a YAML recipe into a new checkpoint")
@@ -48,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
     methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
+    add_debug(parser, commands)
     return parser
 
 
@@ -161,13 +187,4 @@ def cmd_methods(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"merge": cmd_merge, "methods": cmd_methods, "zoo": cmd_zoo, "eval": cmd_eval}[args.command]
-    try:
-        return handler(args)
-    except MergeStudioError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no output folder was written", file=sys.stderr)
-        return 130
+    return run_command(handler, args, "no output folder was written")

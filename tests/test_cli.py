@@ -120,3 +120,12 @@ def test_bf16_family_merged_to_float32(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_debug_goes_before_or_after_the_command(tmp_path):
+    """``--debug`` shows the traceback wherever it is written, as ``python -m viz`` accepts it."""
+    for argv in (("--debug", "eval", tmp_path / "nope"), ("eval", tmp_path / "nope", "--debug")):
+        result = run_cli(*argv)
+        assert result.returncode == 1 and "Traceback" in result.stderr and "not found" in result.stderr, argv
+    plain = run_cli("eval", tmp_path / "nope")
+    assert "Traceback" not in plain.stderr and plain.stderr.startswith("error: ")

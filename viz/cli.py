@@ -7,9 +7,9 @@ like ``python -m merging``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from merging.cli import DEBUG, add_debug, run_command
 from merging.errors import MergeStudioError
 from viz.sweep import DROP_RATES, drop_rates
 
@@ -24,8 +24,7 @@ def _rates(text: str) -> tuple[float, ...]:
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m viz`` command line: one command, ``report``."""
     parser = argparse.ArgumentParser(prog="python -m viz", description="Redundancy views of fine-tuned models.")
-    debug = dict(action="store_true", help="show tracebacks instead of one-line errors")
-    parser.add_argument("--debug", **debug)
+    parser.add_argument("--debug", **DEBUG)
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser(
         "report", help="write report.html (self-contained) and stats.json for a base and fine-tuned models",
@@ -49,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     report.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    # also after the command; SUPPRESS keeps a --debug given before it
-    report.add_argument("--debug", default=argparse.SUPPRESS, **debug)
+    add_debug(parser, commands)
     return parser
 
 
@@ -118,13 +116,4 @@ def cmd_report(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (1 with one ``error: ...`` line on bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        return {"report": cmd_report}[args.command](args)
-    except MergeStudioError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no report was written", file=sys.stderr)
-        return 130
+    return run_command({"report": cmd_report}[args.command], args, "no report was written")
