@@ -31,12 +31,15 @@ pool's ``decoding=``; auto is compiled on CUDA and dynamic elsewhere.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import threading
 
 import torch
 
 from merging.errors import MergeStudioError
+
+log = logging.getLogger("merge_studio.chat")
 
 DECODING_ENV = "MERGE_STUDIO_CHAT_DECODING"
 MODES = ("auto", "dynamic", "static", "compiled")
@@ -93,6 +96,15 @@ class Decoder:
             for _ in range(3):  # the first compiled calls record; later ones replay
                 logits = run.step(int(torch.argmax(logits)))
 
+    def stop_compiling(self, error: Exception) -> None:
+        """Decode with static caches but without the compiled step from now on (logged once)."""
+        with self._lock:
+            if self._step is self.model:
+                return
+            self._step, self.mode = self.model, "static"
+        log.warning("compiled decoding failed (%s: %s); decoding without it from now on", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+
     def _take_slot(self):
         from transformers import StaticCache
 
@@ -131,10 +143,22 @@ class DecodeRun:
         return self._forward(self.decoder.model, prompt_ids.to(self.decoder.model.device))
 
     def step(self, token_id: int) -> torch.Tensor:
-        """Logits after one more token: the compiled step when this run has a static slot."""
+        """Logits after one more token: the compiled step when this run has a static slot.
+
+        If the compiled step fails (a compiler or CUDA-graph error that warm-up did not meet, say
+        on another thread), the model stops using it, and this answer ends with a message: its
+        cache may be half-written, so it cannot go on. The next message decodes without compiling.
+        """
         ids = torch.tensor([[token_id]], device=self.decoder.model.device)
         call = self.decoder._step if self.static else self.decoder.model
-        logits = self._forward(call, ids)
+        try:
+            logits = self._forward(call, ids)
+        except Exception as exc:
+            if call is self.decoder.model:
+                raise
+            self.decoder.stop_compiling(exc)
+            raise MergeStudioError("compiled decoding failed for this model, so it now decodes without it; "
+                                   "send your message again") from None
         # A CUDA-graph replay writes its outputs into the same buffers each time: copy before the next step.
         return logits.clone() if self.static and self.decoder.mode == "compiled" else logits
 

@@ -96,3 +96,19 @@ def test_the_mode_comes_from_the_setting_and_auto_follows_the_device(monkeypatch
         decoding_mode(None, torch.device("cpu"))
     with pytest.raises(MergeStudioError, match="decoding mode must be one of"):
         Decoder(torch.nn.Linear(1, 1), "auto")
+
+
+def test_a_compiled_step_that_fails_ends_that_answer_with_a_message_and_the_next_decodes(qwen2_family, answers):
+    """A compiler or CUDA-graph error that warm-up did not meet (on a GPU, say, in another thread)."""
+    pool = ModelPool("100MB", "cpu", decoding="compiled")
+    with pool.get(str(qwen2_family.base)) as handle:
+        decoder = handle.decoder
+
+        def failing_step(**inputs):  # stands in for the compiled graph failing at run time
+            raise RuntimeError("CUDA graph replay failed")
+
+        decoder._step = failing_step
+        with pytest.raises(MergeStudioError, match="compiled decoding failed for this model.*send your message again"):
+            answer(handle, GREEDY)
+        assert decoder.mode == "static" and decoder._step is handle.model
+        assert answer(handle, GREEDY) == answers["dynamic"][0]
