@@ -314,6 +314,17 @@ class ModelPool:
         with self._lock:
             return [LoadedModel(e.ref, e.folder, e.nbytes, e.leases) for e in self._entries.values()]
 
+    def is_loaded(self, ref: str) -> bool:
+        """Whether ``ref`` is in memory now. Never downloads: a Hub id counts once this pool fetched it."""
+        folder = self._hub_folders.get(ref)
+        if folder is None:
+            local = Path(ref).expanduser()
+            if not local.exists():
+                return False
+            folder = local.resolve()
+        with self._lock:
+            return any(key[0] == str(folder) for key in self._entries)
+
     def estimate(self, ref: str) -> int:
         """Bytes ``ref`` would take in this pool, from its headers (nothing is loaded)."""
         return estimate_bytes(self._resolve(ref), self.dtype, allow_pickle=self.policy.allow_pickle)

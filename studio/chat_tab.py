@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
@@ -124,8 +123,7 @@ def build(settings: Settings, pool: ModelPool, results: gr.State) -> None:
                 boxes[panel] = gr.Chatbot(messages, label=f"Model {'AB'[k]}") if is_blind else messages
             return ("", *boxes, gr.skip(), gr.skip(), note)
 
-        loaded = {m.folder for m in pool.loaded()}
-        ready = all(Path(ref).expanduser().resolve() in loaded for ref in targets if Path(ref).expanduser().exists())
+        ready = all(pool.is_loaded(ref) for ref in targets)
         yield view("Generating…" if ready else "Loading the models (or waiting for memory other chats are using)…")
         handles = pool.get_many(targets)
         yield view("Generating…")

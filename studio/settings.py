@@ -232,22 +232,24 @@ def prune_sessions(settings: Settings, keep: Path | None = None) -> None:
     cutoff = time.time() - settings.session_hours * 3600
     for folder in root.iterdir():
         try:
-            if folder != keep and _last_change(folder) < cutoff:
+            if folder != keep and not _changed_since(folder, cutoff):
                 shutil.rmtree(folder, ignore_errors=True)
         except OSError:
             continue
 
 
-def _last_change(folder: Path) -> float:
-    """The newest modification time of ``folder`` and everything in it."""
-    newest = folder.stat().st_mtime
+def _changed_since(folder: Path, cutoff: float) -> bool:
+    """Whether ``folder`` or anything in it was modified after ``cutoff`` (stops at the first)."""
+    if folder.stat().st_mtime >= cutoff:
+        return True
     for parent, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
             try:
-                newest = max(newest, os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime)
+                if os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime >= cutoff:
+                    return True
             except OSError:
                 continue
-    return newest
+    return False
 
 
 class StopSignal:

@@ -229,3 +229,12 @@ def test_a_handle_collected_while_the_pool_is_locked_does_not_freeze_it(models, 
         gc.enable()
     assert answer, "the pool froze: the finalizer waited for the lock its own thread held"
     assert pool.loaded()[0].leases == 0, "the dropped handle's lease was released"
+
+
+def test_is_loaded_tells_without_loading_or_downloading(models):
+    refs, size = models
+    pool = ModelPool(3 * size, "cpu")
+    assert not pool.is_loaded(refs[0]) and not pool.is_loaded("org/not-fetched")
+    with pool.get(refs[0]):
+        assert pool.is_loaded(refs[0]) and not pool.is_loaded(refs[1])
+    assert pool.loads == 1
