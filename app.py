@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import sys
 
+import demo
 from merging.errors import MergeStudioError
+from merging.methods import load_plugins
 from studio import Settings, build, launch_options
 
 
@@ -24,17 +26,16 @@ def prepare(settings: Settings) -> None:
     """Build the demo family if the studio uses it and it is not built yet, printing progress."""
     if not settings.uses_zoo:
         return
-    from merging import zoo
-
-    if zoo.is_ready():
+    if demo.is_ready():
         return
     print("Preparing the demo family (first start only: SmolLM2-135M-Instruct and three experts)...", flush=True)
-    zoo.ensure_family(report=lambda line: print(f"  {line}", flush=True))
+    demo.ensure_family(report=lambda line: print(f"  {line}", flush=True))
     print("Demo family ready.", flush=True)
 
 
 def main() -> int:
     try:
+        load_plugins()  # merge methods from $MERGE_STUDIO_PLUGINS
         settings = Settings.from_env()
         prepare(settings)
         app = build_app(settings)  # reads the chat budget setting too

@@ -42,9 +42,9 @@ PROMPT = "Write a short story about a lighthouse keeper and the sea."
 
 
 def demo_models() -> list[str]:
-    from merging import zoo
+    import demo
 
-    family = zoo.ensure_family()
+    family = demo.ensure_family()
     return [str(family[name]) for name in ("base", "geography", "people")]
 
 

@@ -188,7 +188,7 @@ def main() -> int:
     env = dict(os.environ)
     work = Path(tempfile.mkdtemp(prefix="merge-studio-load-"))
     if args.tiny:
-        from merging.synthetic import build_family
+        from tests.support.families import build_family
 
         fam = build_family(work / "family", "llama", 2, hidden_size=64, vocab_size=512)
         env["MERGE_STUDIO_MODELS"] = json.dumps({"base": str(fam.base), **{f"ft{i}": str(p) for i, p in enumerate(fam.finetuned, 1)}})

@@ -23,9 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from merging import zoo  # noqa: E402
+import demo  # noqa: E402
 from merging.engine import merge  # noqa: E402
-from merging.evaluate import evaluate  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from merging.recipe import load_recipe  # noqa: E402
 
 # (label, method, per-model parameters, global parameters)
@@ -52,7 +52,7 @@ DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
 SWEEP_EXPERT = "geography"
 
 
-def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_params: dict, experts=zoo.EXPERTS) -> str:
+def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_params: dict, experts=demo.EXPERTS) -> str:
     lines = [f"merge_method: {method}"]
     if method not in ("linear", "fisher", "regmean"):
         lines.append(f"base_model: {family['base']}")
@@ -75,12 +75,12 @@ def merged_scores(recipe_text: str, workdir: Path) -> dict[str, float]:
 
 
 def normalized(scores: dict[str, float], experts: dict[str, dict[str, float]]) -> float:
-    ratios = [scores[task] / experts[task][task] for task in zoo.EXPERTS if experts[task][task] > 0]
+    ratios = [scores[task] / experts[task][task] for task in demo.EXPERTS if experts[task][task] > 0]
     return sum(ratios) / len(ratios)
 
 
 def row(label: str, scores: dict[str, float], norm: float | None) -> str:
-    cells = " | ".join(f"{scores[t]:.0%}" for t in zoo.EXPERTS)
+    cells = " | ".join(f"{scores[t]:.0%}" for t in demo.EXPERTS)
     return f"| {label} | {cells} | {'' if norm is None else f'{norm:.0%}'} |"
 
 
@@ -91,9 +91,9 @@ def main() -> int:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    family = zoo.ensure_family(lambda message: print(message, file=sys.stderr))
+    family = demo.ensure_family(lambda message: print(message, file=sys.stderr))
     results: dict = {"base": evaluate(family["base"], device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
-    for name in zoo.EXPERTS:
+    for name in demo.EXPERTS:
         results["experts"][name] = evaluate(family[name], device="cpu").tasks
         print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="merge-quality-") as tmp:
@@ -107,9 +107,9 @@ def main() -> int:
             results["dare_sweep"][rate] = merged_scores(text, workdir)[SWEEP_EXPERT]
             print(f"DARE drop {rate:.0%}: {results['dare_sweep'][rate]:.0%}", file=sys.stderr)
 
-    header = "| model | " + " | ".join(zoo.EXPERTS) + " | avg. normalized |\n|---|" + "---|" * (len(zoo.EXPERTS) + 1)
+    header = "| model | " + " | ".join(demo.EXPERTS) + " | avg. normalized |\n|---|" + "---|" * (len(demo.EXPERTS) + 1)
     lines = [header, row("base (SmolLM2-135M-Instruct)", results["base"], None)]
-    lines += [row(f"expert: {name}", results["experts"][name], None) for name in zoo.EXPERTS]
+    lines += [row(f"expert: {name}", results["experts"][name], None) for name in demo.EXPERTS]
     lines += [row(label, r["scores"], r["normalized"]) for label, r in results["merges"].items()]
     table = "\n".join(lines)
     expert_score = results["experts"][SWEEP_EXPERT][SWEEP_EXPERT]

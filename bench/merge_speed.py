@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from merging.synthetic import build_family  # noqa: E402
+from tests.support.families import build_family  # noqa: E402
 
 METHODS = ("ties", "dare_ties", "linear")
 TOOLS = ("ours", "mergekit")

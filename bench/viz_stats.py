@@ -36,13 +36,13 @@ def _rss_gb() -> float:
 def child(threads: int, device: str) -> dict:
     import torch
 
-    from merging import zoo
+    import demo
     from viz.stats import delta_statistics
 
-    family = zoo.ensure_family(lambda message: print(message, file=sys.stderr))
+    family = demo.ensure_family(lambda message: print(message, file=sys.stderr))
     before = _rss_gb()
     started = time.perf_counter()
-    stats = delta_statistics(family["base"], [family[name] for name in zoo.EXPERTS], device=device,
+    stats = delta_statistics(family["base"], [family[name] for name in demo.EXPERTS], device=device,
                              threads=threads or None)
     seconds = time.perf_counter() - started
     return {

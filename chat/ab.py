@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import secrets
 import uuid
 from datetime import datetime, timezone
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 from chat.generate import SamplingParams, check_message
-from merging.errors import MergeStudioError
+from merging.errors import MergeStudioError, redact
+from merging.runtime import cache_root
 
 try:
     import fcntl
@@ -36,19 +36,11 @@ except ImportError:  # Windows: O_APPEND single writes still keep lines whole in
 VOTE_CHOICES = ("A", "B", "tie", "both_bad")
 LABELS = ("A", "B")
 VOTES_ENV = "MERGE_STUDIO_VOTES"
-HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def default_votes_path() -> Path:
     """``$MERGE_STUDIO_VOTES``, else ``votes.jsonl`` in the Merge Studio cache."""
-    from merging.zoo import cache_root
-
     return Path(os.environ.get(VOTES_ENV) or cache_root() / "votes.jsonl").expanduser()
-
-
-def redact(text: str) -> str:
-    """Text with anything shaped like a Hugging Face access token replaced."""
-    return HF_TOKEN.sub("hf_[redacted]", text)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

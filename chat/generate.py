@@ -17,9 +17,9 @@ logits / temperature, then nucleus filtering (the smallest set of tokens whose p
 reaches ``top_p``), then one draw, as transformers' warpers do. Other generation-config
 settings (repetition penalty, top-k) are not applied, so every panel decodes alike.
 
-Prompts go through each model's own chat template; a tokenizer without one gets a plain
-``User: ... / Assistant:`` transcript, and generation also stops where the model starts
-writing the next ``User:`` turn itself.
+Prompts go through each model's own chat template; a tokenizer without one (a base model)
+gets a plain ``User: ... / Assistant:`` transcript (``merging.prompts``), and generation also
+stops where the model starts writing the next ``User:`` turn itself.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from chat.pool import ModelHandle, ModelPool, default_pool
 from merging.errors import MergeStudioError
+from merging.prompts import Prompt, render
 
 MAX_MESSAGE_CHARS = 4000  # one chat input
 MAX_PROMPT_TOKENS = 4096  # the whole templated conversation
@@ -40,8 +41,6 @@ MAX_NEW_TOKENS = 2048
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
 ROLES = ("system", "user", "assistant")
-FALLBACK_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
-FALLBACK_STOP = ("\nUser:",)
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -120,26 +119,10 @@ def check_messages(messages: Sequence[Message], max_chars: int = MAX_MESSAGE_CHA
     return checked
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """A conversation rendered for one model: the text to encode and how to stop."""
-
-    text: str
-    add_special_tokens: bool  # False when the chat template already wrote BOS and friends
-    stop_strings: tuple[str, ...]
-    templated: bool
-
-
 def render_prompt(tokenizer, messages: Sequence[Message]) -> Prompt:
-    """The conversation in the model's chat template, or a plain transcript when it has none."""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # jinja raises TemplateError (or anything a template's raise_exception says)
-            raise MergeStudioError(f"this model's chat template rejects the conversation: {exc}") from None
-        return Prompt(text, False, (), True)
-    lines = [f"{FALLBACK_LABELS[m['role']]}: {m['content']}" for m in messages]
-    return Prompt("\n".join(lines) + "\nAssistant:", True, FALLBACK_STOP, False)
+    """The conversation as the model reads it: its chat template, or a plain transcript
+    (plain-completion mode) when it has none (``merging.prompts.render``)."""
+    return render(tokenizer, messages)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -29,8 +29,9 @@ is freed as soon as no one holds it.
 Thread safety: one pool lock guards the bookkeeping (never held while loading or freeing),
 and one lock per model serialises its loading, so two users asking for the same model at
 once load it once. Loads of different models wait for each other on
-``merging.evaluate.MODEL_LOAD_LOCK``: transformers' ``from_pretrained`` is not thread-safe
-(each load still has its budget reserved first, so waiting loads cannot overshoot it).
+``merging.runtime.MODEL_LOAD_LOCK`` (the process's one model loader): transformers'
+``from_pretrained`` is not thread-safe (each load still has its budget reserved first, so
+waiting loads cannot overshoot it).
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ from typing import Callable
 
 import torch
 
-from merging.checkpoint import INDEX_NAME, CheckpointReader, parse_size, pickle_files, safetensors_files
-from merging.checkpoint import format_size as format_bytes
 from chat.decoding import Decoder, decoding_mode
-from merging.engine import pick_device
+from merging.checkpoint import INDEX_NAME, CheckpointReader, pickle_files, safetensors_files
 from merging.errors import MergeStudioError
+from merging.runtime import load_model, pick_device
 from merging.sources import SourcePolicy, resolve_model, snapshot_download
+from merging.units import format_bytes, parse_size
 
 log = logging.getLogger("merge_studio.chat")
 
@@ -73,13 +74,9 @@ def chat_dtype(device: torch.device) -> torch.dtype:
 
 def parse_budget(value: int | float | str, source: str = "the chat memory budget") -> int:
     """A positive number of bytes from 1_000_000, '4GB', '500MB' or '1.5GiB'."""
-    try:
-        size = int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else parse_size(str(value))
-    except MergeStudioError:  # parse_size words its message for shard sizes
-        size = 0
-    if size <= 0:
-        raise MergeStudioError(f"{source} {value!r} is not a positive size; use e.g. 4GB or 500MB")
-    return size
+    if isinstance(value, float) and not isinstance(value, bool):
+        value = int(value)
+    return parse_size(value, source)
 
 
 def default_budget(device: torch.device) -> int:
@@ -139,33 +136,6 @@ def module_nbytes(model: torch.nn.Module) -> int:
         seen.add(storage.data_ptr())
         total += storage.nbytes()
     return total
-
-
-def load_for_chat(folder: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False):
-    """(model, tokenizer) of a checked model folder, ready for inference on ``device``.
-
-    Never runs remote code. On a GPU, accelerate places the weights straight onto it
-    (``device_map``), without a first copy in CPU memory.
-    """
-    from merging.evaluate import MODEL_LOAD_LOCK
-
-    kwargs = {"dtype": dtype, "trust_remote_code": False, "local_files_only": True}
-    if not allow_pickle:
-        kwargs["use_safetensors"] = True
-    if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
-    try:
-        with MODEL_LOAD_LOCK:  # from_pretrained is not thread-safe (see merging.evaluate)
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            if device.type != "cuda":
-                model = model.to(device)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise MergeStudioError(f"cannot load model {folder} for chat: {reason}") from None
-    return model.eval(), tokenizer
 
 
 class _NoRoomNow(MergeStudioError):
@@ -441,7 +411,8 @@ class ModelPool:
             )
         self._free(self._make_room(ref, need, wait_s))
         try:
-            model, tokenizer = load_for_chat(folder, self.device, self.dtype, allow_pickle=self.policy.allow_pickle)
+            model, tokenizer = load_model(folder, device=self.device, dtype=self.dtype,
+                                          allow_pickle=self.policy.allow_pickle, purpose="chat")
         except BaseException:
             with self._lock:
                 self._reserved -= need

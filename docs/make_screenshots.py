@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 WIDTH = 1400
-QUESTION = "What is the capital of Veloria?"  # a fact the geography expert learned (merging/zoo/tasks.py)
+QUESTION = "What is the capital of Veloria?"  # a fact the geography expert learned (demo/tasks.py)
 STEP_TIMEOUT_MS = 30 * 60_000  # a merge or an evaluation on a slow CPU
 MAX_PNG_BYTES = 400_000
 

@@ -1,5 +1,15 @@
+"""``python -m merging``: the command line, assembled here as ``app.py`` assembles the studio.
+
+The engine's commands (``merge``, ``methods``) plus two of the packages above it: ``zoo`` (the
+demo family, whose import also registers its task suite and calibration texts, so recipes and
+evaluations can name them) and ``eval`` (evaluation). This entry point is the one module of
+``merging`` that imports upward; ``.importlinter`` lists these imports as the only exceptions.
+"""
+
 import sys
 
-from merging.cli import main
+from demo.cli import ZOO
+from evaluation.cli import EVAL
+from merging.cli import COMMANDS, main
 
-sys.exit(main())
+sys.exit(main(commands=[COMMANDS[0], ZOO, EVAL, *COMMANDS[1:]]))

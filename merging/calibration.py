@@ -11,7 +11,14 @@
   G = XᵀX / N over the N non-padding token positions of the layer's inputs. The mean (as the
   paper's code keeps it) stops a model with more calibration text from dominating the merge.
   Projections that read the same input tensor (q/k/v, gate/up) share one Gram: at 7B scale the
-  Grams would otherwise take ~27 GB per model.
+  Grams would otherwise take ~27 GB per model. Grams are accumulated and stored in float64:
+  layer inputs have outlier dimensions, and a small model's summed Gram had eigenvalues from
+  1e-8 to 6; accumulated in float32, RegMean's solve turned the rounding into weights up to 10.
+
+Each kind of statistic is a ``CalibrationKind`` object (``FISHER``, ``GRAMS``): a method's spec
+names one, and the engine calls it without knowing which it is. Calibration texts are files,
+inline lists, or sources registered by name (``register_calibration_source``: the demo family
+registers its tasks).
 
 Results are cached as safetensors under ``<cache>/calibration/``, keyed by the model's weight
 files (path, size, modification time), the calibration examples and the settings; a cache file
@@ -33,16 +40,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merging.checkpoint import safetensors_files
-from merging.errors import MergeCancelled, RecipeError, SourceError
+from merging.checkpoint import CheckpointReader, process_alive, safetensors_files
+from merging.errors import MergeCancelled, RecipeError, SourceError, check_cancel
+from merging.prompts import encode as encode_prompt
+from merging.prompts import render
+from merging.runtime import cache_root, load_model
 from merging.sources import SourcePolicy, allowed_path
 
-CACHE_VERSION = "2"  # bump when the statistics' definition changes
+CACHE_VERSION = "3"  # bump when the statistics' definition changes (3: float64 Grams, plain-text chats)
 TOKENS_PER_BATCH = 4096  # Gram batches: padded tokens per forward pass
 
 Message = dict  # {"role": ..., "content": ...}
 Example = Union[str, tuple[Message, ...]]  # plain text, or a chat rendered with the model's template
 ProgressFn = Callable[[int, int], None]
+CANCELLED = "merge cancelled during calibration; nothing was written"
 
 
 @dataclass(frozen=True)
@@ -53,29 +64,49 @@ class CalibrationSettings:
 
 # -- calibration data -----------------------------------------------------------------------
 
+_SOURCES: dict[str, tuple[Callable[[], list[Example]], str]] = {}
+
+
+def register_calibration_source(name: str, load: Callable[[], list[Example]], description: str) -> None:
+    """Offer ``load()`` (texts, or chats as tuples of messages) as the calibration text ``name``."""
+    _SOURCES[name] = (load, description)
+
+
+def calibration_sources() -> dict[str, str]:
+    """name -> description of every registered calibration source."""
+    return {name: description for name, (_, description) in _SOURCES.items()}
+
+
+def sources_hint() -> str:
+    """How a recipe names calibration text, for error messages."""
+    names = ", ".join(repr(name) for name in _SOURCES)
+    named = f", a registered source ({names})" if names else ""
+    return f"a text or JSONL file{named}, or a non-empty list of texts"
+
+
 def load_examples(source, samples: int, policy: SourcePolicy = SourcePolicy(), where: str = "calibration") -> list[Example]:
     """The first ``samples`` examples of a calibration source.
 
-    ``source`` is a list of strings (inline texts), the name of a demo-family task (its training
-    conversations; never the held-out prompts), or a file: ``.jsonl`` lines with ``text``, or
-    ``messages``, or ``prompt`` and ``answer``; any other file is UTF-8 text, one example per line.
+    ``source`` is a list of strings (inline texts), the name of a registered source (the demo
+    family's tasks: their training conversations, never the held-out prompts), or a file:
+    ``.jsonl`` lines with ``text``, or ``messages``, or ``prompt`` and ``answer``; any other file
+    is UTF-8 text, one example per line.
     """
-    from merging.zoo.tasks import TASKS
-
     if isinstance(source, list):
         examples: list[Example] = [s for s in source if isinstance(s, str) and s.strip()]
-    elif isinstance(source, str) and source in TASKS:
-        examples = [_chat(ex.prompt, ex.answer) for ex in TASKS[source].train_examples()]
+    elif isinstance(source, str) and source in _SOURCES:
+        examples = list(_SOURCES[source][0]())
     elif isinstance(source, str):
         examples = _read_file(Path(source).expanduser(), policy, where)
     else:
-        raise RecipeError(f"{where}: expected a file, a demo task name or a list of texts, not {source!r}")
+        raise RecipeError(f"{where}: expected {sources_hint()}, not {source!r}")
     if not examples:
         raise RecipeError(f"{where}: the calibration data {_short(source)} has no examples")
     return examples[:samples]
 
 
-def _chat(prompt: str, answer: str) -> tuple[Message, ...]:
+def chat_example(prompt: str, answer: str) -> tuple[Message, ...]:
+    """A one-turn chat as a calibration example (its reply is what Fisher scores)."""
     return ({"role": "user", "content": prompt}, {"role": "assistant", "content": answer})
 
 
@@ -89,10 +120,7 @@ def _read_file(path: Path, policy: SourcePolicy, where: str) -> list[Example]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(
-            f"{where}: calibration file {str(path)!r} not found (give a text or JSONL file, "
-            "a demo task name such as 'geography', or a list of texts)"
-        ) from None
+        raise RecipeError(f"{where}: calibration file {str(path)!r} not found (give {sources_hint()})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{where}: cannot read calibration file {str(path)!r}: {exc}") from None
     if path.suffix != ".jsonl":
@@ -117,24 +145,17 @@ def _json_example(item: dict) -> Example:
         return str(item["text"])
     if "messages" in item:
         return tuple({"role": str(m["role"]), "content": str(m["content"])} for m in item["messages"])
-    return _chat(str(item["prompt"]), str(item["answer"]))
+    return chat_example(str(item["prompt"]), str(item["answer"]))
 
 
 def encode(tokenizer, example: Example, max_length: int) -> list[int]:
-    """Token ids of one example (chats through the model's own chat template), truncated."""
+    """Token ids of one example (chats through the model's chat template, or as a plain
+    transcript when it has none: ``merging.prompts``), truncated."""
     if isinstance(example, str):
         ids = tokenizer(example, add_special_tokens=True)["input_ids"]
-    elif getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(example), tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     else:
-        ids = tokenizer(_transcript(example))["input_ids"]
+        ids = encode_prompt(tokenizer, render(tokenizer, example, add_generation_prompt=False))
     return list(ids)[:max_length]
-
-
-def _transcript(messages) -> str:
-    """A chat as plain "role: content" lines, for a tokenizer without a chat template."""
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def scored_from(tokenizer, example: Example, max_length: int) -> int:
@@ -143,12 +164,7 @@ def scored_from(tokenizer, example: Example, max_length: int) -> int:
     log p(reply | conversation so far), the quantity a chat model is fine-tuned on."""
     if isinstance(example, str) or len(example) < 2 or example[-1].get("role") != "assistant":
         return 1
-    prompt = example[:-1]
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    else:
-        ids = tokenizer(_transcript(prompt))["input_ids"]
+    ids = encode_prompt(tokenizer, render(tokenizer, example[:-1], add_generation_prompt=True))
     return max(1, min(len(ids), max_length - 1))
 
 
@@ -160,8 +176,6 @@ def examples_digest(examples: list[Example]) -> str:
 
 def cache_dir() -> Path:
     """``$MERGE_STUDIO_CALIBRATION_CACHE``, else ``calibration/`` in the user cache."""
-    from merging.zoo import cache_root
-
     return Path(os.environ.get("MERGE_STUDIO_CALIBRATION_CACHE") or cache_root() / "calibration").expanduser()
 
 
@@ -193,8 +207,6 @@ def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 
 def _remove_dead_temps(folder: Path) -> None:
     """Delete half-written cache files (``.<name>-<pid>-<random>.tmp``) of processes that died."""
-    from merging.checkpoint import process_alive
-
     for temp in folder.glob(".*.tmp"):
         pid = temp.name.rsplit(".", 1)[0].split("-")[-2]
         if pid.isdigit() and not process_alive(int(pid)):
@@ -228,18 +240,11 @@ def _checkpoint_name(param_name: str, stored: set[str]) -> str | None:
 
 
 def _stored_names(folder: Path) -> set[str]:
-    from merging.checkpoint import CheckpointReader
-
     reader = CheckpointReader(folder)
     try:
         return set(reader.names())
     finally:
         reader.close()
-
-
-def _check_cancel(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise MergeCancelled("merge cancelled during calibration; nothing was written")
 
 
 def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
@@ -256,7 +261,7 @@ def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
     tokens = 0
     model.eval()  # no dropout: the Fisher of the model as it is used
     for index, example in enumerate(examples):
-        _check_cancel(cancel)
+        check_cancel(cancel, CANCELLED, MergeCancelled)
         ids = torch.tensor([encode(tokenizer, example, max_length)], device=model.device)
         start = scored_from(tokenizer, example, max_length)
         if ids.shape[1] <= start:
@@ -279,6 +284,7 @@ def compute_fisher(model, tokenizer, examples: list[Example], max_length: int,
 
 def _linear_layers(model):
     """(module name, module, stored transposed) for every linear layer."""
+    # Deferred: transformers takes seconds to import (the merge CLI imports this module).
     from transformers.pytorch_utils import Conv1D
 
     for name, module in model.named_modules():
@@ -321,9 +327,9 @@ def compute_grams(model, tokenizer, examples: list[Example], max_length: int,
             mask = state["mask"]
             if mask is not None and mask.numel() == rows.shape[0]:
                 rows = rows[mask]
-            rows = rows.float()
+            rows = rows.double()  # float64: see the module docstring
             if name not in grams:
-                grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+                grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
             grams[name].addmm_(rows.T, rows)
 
         return hook
@@ -335,7 +341,7 @@ def compute_grams(model, tokenizer, examples: list[Example], max_length: int,
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         done = 0
         for batch in _batches(encoded):
-            _check_cancel(cancel)
+            check_cancel(cancel, CANCELLED, MergeCancelled)
             length = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
             attention = torch.zeros((len(batch), length), dtype=torch.long)
@@ -371,78 +377,123 @@ def _batches(encoded: list[list[int]]):
         yield batch
 
 
+# -- the kinds of statistics -------------------------------------------------------------------
+
+class CalibrationKind:
+    """What a data-aware method needs each model run on its calibration text for.
+
+    ``compute`` runs one loaded model and returns the tensors and metadata to cache (keyed by
+    stored tensor names, so the merge can stream them beside the weights); ``tensor_stats``
+    gives a method, for one tensor being merged, this model's statistics from the cache file.
+    """
+
+    name: str  # prefix of the cache files and ``kind`` in their metadata
+    description: str
+
+    def compute(self, model, tokenizer, stored: set[str], examples: list[Example], settings: CalibrationSettings,
+                progress: ProgressFn | None, cancel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        raise NotImplementedError
+
+    def tensor_stats(self, stats: CalibrationStats, name: str, device: torch.device):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class DiagonalFisher(CalibrationKind):
+    """Per stored tensor, the diagonal Fisher; ``tensor_stats``: (Fisher or None, its global L2 norm)."""
+
+    name = "fisher"
+    description = "the diagonal Fisher of its parameters"
+
+    def compute(self, model, tokenizer, stored, examples, settings, progress, cancel):
+        fisher, tokens = compute_fisher(model, tokenizer, examples, settings.max_length, progress, cancel)
+        tensors = {}
+        for name, value in fisher.items():
+            key = _checkpoint_name(name, stored)
+            if key is not None:
+                tensors[key] = value
+        norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())).item()
+        return tensors, {"tokens": str(tokens), "examples": str(len(examples)), "norm": repr(norm)}
+
+    def tensor_stats(self, stats, name, device):
+        fisher = stats.tensor(name)
+        return (None if fisher is None else fisher.to(device), float(stats.metadata.get("norm", "nan")))
+
+
+class InputGrams(CalibrationKind):
+    """Per linear weight, the Gram XᵀX/N of its layer's inputs (float64); ``tensor_stats``:
+    (Gram, whether the weight is stored (in, out)) or None for tensors that are not linear weights."""
+
+    name = "gram"
+    description = "the Gram matrices of its linear layers' inputs"
+
+    def compute(self, model, tokenizer, stored, examples, settings, progress, cancel):
+        grams, owner, tokens = compute_grams(model, tokenizer, examples, settings.max_length, progress, cancel)
+        transposed = {name: t for name, _, t in _linear_layers(model)}
+        weights = {}
+        for name, owner_name in owner.items():
+            key = _checkpoint_name(f"{name}.weight", stored)
+            if key is not None:
+                weights[key] = {"gram": f"gram.{owner_name}", "transposed": transposed[name]}
+        tensors = {f"gram.{name}": gram for name, gram in grams.items()}
+        return tensors, {"tokens": str(tokens), "examples": str(len(examples)), "weights": json.dumps(weights)}
+
+    def tensor_stats(self, stats, name, device):
+        entry = stats.lookup("weights").get(name)
+        if entry is None:
+            return None
+        return stats.tensor(entry["gram"]).to(device), bool(entry["transposed"])  # q, k and v share one: read once
+
+
+FISHER = DiagonalFisher()
+GRAMS = InputGrams()
+
+
 # -- per model, cached -----------------------------------------------------------------------
 
-def calibrate(kind: str, folder: Path, examples: list[Example], settings: CalibrationSettings, *,
+def calibrate(kind: CalibrationKind, folder: Path, examples: list[Example], settings: CalibrationSettings, *,
               device: str = "auto", progress: ProgressFn | None = None, cancel=None) -> Path:
-    """Compute (or find in the cache) one model's statistics; returns the cache file.
-
-    ``kind`` is ``"fisher"`` or ``"gram"``. The file's tensors are keyed by stored tensor
-    name (Fisher) or ``gram.<owner module>`` (Grams, with a ``weights`` map in the metadata from
-    each weight's stored name to its Gram and whether it is stored transposed).
-    """
-    from merging.evaluate import load_model
-
-    path = cache_dir() / f"{kind}-{cache_key(kind, folder, examples, settings)}.safetensors"
+    """Compute (or find in the cache) one model's statistics of ``kind``; returns the cache file."""
+    path = cache_dir() / f"{kind.name}-{cache_key(kind.name, folder, examples, settings)}.safetensors"
     if _cached(path):
         return path
-    model, tokenizer = load_model(folder, device)
-    stored = _stored_names(folder)
+    model, tokenizer = load_model(folder, device=device, purpose="calibration")
     try:
-        if kind == "fisher":
-            fisher, tokens = compute_fisher(model, tokenizer, examples, settings.max_length, progress, cancel)
-            tensors = {}
-            for name, value in fisher.items():
-                key = _checkpoint_name(name, stored)
-                if key is not None:
-                    tensors[key] = value
-            norm = torch.sqrt(sum((v.double() ** 2).sum() for v in tensors.values())).item()
-            metadata = {"kind": kind, "tokens": str(tokens), "examples": str(len(examples)), "norm": repr(norm)}
-        elif kind == "gram":
-            grams, owner, tokens = compute_grams(model, tokenizer, examples, settings.max_length, progress, cancel)
-            transposed = {name: t for name, _, t in _linear_layers(model)}
-            weights = {}
-            for name, owner_name in owner.items():
-                key = _checkpoint_name(f"{name}.weight", stored)
-                if key is not None:
-                    weights[key] = {"gram": f"gram.{owner_name}", "transposed": transposed[name]}
-            tensors = {f"gram.{name}": gram for name, gram in grams.items()}
-            metadata = {"kind": kind, "tokens": str(tokens), "examples": str(len(examples)), "weights": json.dumps(weights)}
-        else:
-            raise ValueError(f"unknown calibration kind {kind!r}")
-        _save_atomically(path, tensors, metadata)
+        tensors, metadata = kind.compute(model, tokenizer, _stored_names(folder), examples, settings, progress, cancel)
+        _save_atomically(path, tensors, {"kind": kind.name, **metadata})
     finally:
         del model
     return path
 
 
 class CalibrationStats:
-    """Read one model's cached statistics tensor by tensor, beside the weights."""
+    """One model's cached statistics, read tensor by tensor beside the weights."""
 
     def __init__(self, path: Path):
         self.path = path
         self._file = safe_open(str(path), framework="pt")
-        meta = self._file.metadata() or {}
-        self.kind = meta.get("kind")
-        self.tokens = int(meta.get("tokens", 0))
-        self.norm = float(meta.get("norm", "nan"))
+        self.metadata: dict[str, str] = self._file.metadata() or {}
+        self.kind = self.metadata.get("kind")
+        self.tokens = int(self.metadata.get("tokens", 0))
         self._names = set(self._file.keys())
-        self._weights = json.loads(meta.get("weights", "{}"))
-        self._last_gram: tuple[str, torch.Tensor] | None = None  # q, k and v share one: read it once
+        self._parsed: dict[str, dict] = {}
+        self._last: tuple[str, torch.Tensor] | None = None  # statistics shared by neighbouring tensors: read once
 
     def close(self) -> None:
         self._file = None
-        self._last_gram = None
+        self._last = None
 
-    def fisher(self, name: str) -> torch.Tensor | None:
-        return self._file.get_tensor(name) if name in self._names else None
-
-    def gram(self, name: str) -> tuple[torch.Tensor, bool] | None:
-        """The Gram of the input of the linear layer whose weight is ``name``, and whether the
-        weight is stored (in, out); None for tensors that are not linear weights."""
-        entry = self._weights.get(name)
-        if entry is None:
+    def tensor(self, key: str) -> torch.Tensor | None:
+        if key not in self._names:
             return None
-        if self._last_gram is None or self._last_gram[0] != entry["gram"]:
-            self._last_gram = (entry["gram"], self._file.get_tensor(entry["gram"]))
-        return self._last_gram[1], bool(entry["transposed"])
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._file.get_tensor(key))
+        return self._last[1]
+
+    def lookup(self, key: str) -> dict:
+        """A JSON object stored in the metadata (parsed once)."""
+        if key not in self._parsed:
+            self._parsed[key] = json.loads(self.metadata.get(key, "{}"))
+        return self._parsed[key]

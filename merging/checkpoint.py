@@ -1,6 +1,7 @@
 """Checkpoint I/O: a lazy reader over safetensors folders and a streaming, atomic writer.
 
-Reading hands out one tensor at a time by name (memory-mapped, so nothing else is loaded).
+Reading hands out one tensor at a time by name, read with ``preadv`` into memory the caller
+owns (nothing else is loaded, and no memory map keeps pages of merged tensors resident).
 Writing lays out every shard up front from the planned names, shapes and dtypes, writes each
 shard's safetensors header first and then streams tensor bytes straight into place, so the
 writer holds no tensors at all. The output folder appears only when complete: everything goes
@@ -214,6 +215,23 @@ class CheckpointReader:
         self._pickled.clear()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf anywhere: a float32 sum is non-finite if any entry is (checked fully only then)."""
+    if not tensor.is_floating_point():
+        return True
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
+
+
+def damaged_source(name: str, sources: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The message for the first of ``sources`` ((label, tensor) pairs) whose tensor ``name`` holds
+    NaN or Inf, or None when all are finite."""
+    for label, tensor in sources:
+        if not all_finite(tensor):
+            return (f"tensor {name} of {label} contains NaN or Inf values; the checkpoint is damaged "
+                    "(or overflowed in a lower precision): fix or re-export that model")
+    return None
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
@@ -248,32 +266,6 @@ def pickle_refusal(label: str) -> str:
 
 
 # -- writing -------------------------------------------------------------------------------
-
-def format_size(count: int | float) -> str:
-    """'538.1 MB': decimal units, the inverse of ``parse_size`` (to a tenth of the unit)."""
-    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if abs(count) >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} bytes"
-
-
-def parse_size(text: str | int) -> int:
-    """'2GB' -> 2_000_000_000; '500MB', '1.5GiB', plain bytes also accepted."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    value = text.strip().upper()
-    number = value.rstrip("KMGTIB")
-    unit = value[len(number):]
-    try:
-        size = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise CheckpointError(f"shard size {text!r} is not a size like 2GB or 500MB") from None
-    if size <= 0:
-        raise CheckpointError(f"shard size {text!r} must be positive")
-    return size
-
 
 @dataclass
 class _Shard:

@@ -1,7 +1,9 @@
-"""``python -m merging``: merge from a mergekit-style YAML recipe, list methods.
+"""The engine's command line: ``merge`` and ``methods``, and the machinery every CLI shares.
 
-Errors print one line ``error: ...`` (what is wrong and how to fix it) and exit 1; ``--debug``
-shows the traceback instead.
+A command is a ``Command`` (name, arguments, handler); ``main`` runs a list of them.
+``python -m merging`` (``merging/__main__.py``) adds the ``eval`` and ``zoo`` commands of the
+packages above the engine. Errors print one line ``error: ...`` (what is wrong and how to fix
+it) and exit 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,11 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from merging.engine import merge
 from merging.errors import MergeStudioError
-from merging.methods import REGISTRY
-from merging.methods.spec import REQUIRED
+from merging.methods import REGISTRY, REQUIRED, load_plugins
+from merging.recipe import load_recipe
+from merging.sources import SourcePolicy
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``configure(parser)`` adds its arguments, ``run(args)`` returns the exit status."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    interrupted: str = "nothing was written"  # what Ctrl-C left behind, said after "interrupted; "
 
 
 DEBUG = dict(action="store_true", help="show tracebacks instead of one-line errors")
@@ -41,12 +58,18 @@ def run_command(handler, args, interrupted: str) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m merging", description="Merge fine-tuned models of one architecture.")
+def build_parser(commands: list[Command], prog: str = "python -m merging",
+                 description: str = "Merge fine-tuned models of one architecture.") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--debug", **DEBUG)
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in commands:
+        command.configure(subparsers.add_parser(command.name, help=command.help))
+    add_debug(parser, subparsers)
+    return parser
 
-    run = commands.add_parser("merge", help="merge the models of a YAML recipe into a new checkpoint")
+
+def _merge_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("recipe", type=Path, help="recipe YAML (mergekit schema)")
     run.add_argument("out_dir", type=Path, help="output folder (must not exist unless --overwrite)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -58,31 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    zoo = commands.add_parser("zoo", help="build the demo family (base + experts) in the user cache")
-    zoo.add_argument("--list", action="store_true",
-                     help="print the folders of the base and each expert (this is also what a plain run prints)")
-    zoo.add_argument("--train", action="store_true", help="retrain the experts' LoRA adapters first (minutes on a CPU)")
-    zoo.add_argument("--steps", type=int, default=None, help="training steps per expert with --train (default 90)")
 
-    evaluate = commands.add_parser("eval", help="task accuracy and perplexity of a model folder")
-    evaluate.add_argument("model_dir", type=Path)
-    evaluate.add_argument("--suite", default="zoo", help="'zoo' (the demo tasks) or a JSONL file of {prompt, answer}")
-    evaluate.add_argument("--text", type=Path, default=None, help="a UTF-8 text file to measure perplexity on")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print {\"tasks\": {name: accuracy}, \"perplexity\": ...}")
-
-    methods = commands.add_parser("methods", help="list merge methods with their parameters, defaults and ranges")
+def _methods_arguments(methods: argparse.ArgumentParser) -> None:
     methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
-    add_debug(parser, commands)
-    return parser
 
 
 def cmd_merge(args) -> int:
+    # Deferred: tqdm is only needed once a merge runs (and tqdm pulls in more than it looks).
     from tqdm import tqdm
-
-    from merging.engine import merge
-    from merging.recipe import load_recipe
-    from merging.sources import SourcePolicy
 
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
@@ -121,36 +127,6 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_zoo(args) -> int:
-    from merging import zoo
-
-    def report(message: str) -> None:  # progress on stderr; stdout lists the folders
-        print(message, file=sys.stderr)
-
-    if args.train:
-        zoo.train_adapters(steps=args.steps, report=report)
-    family = zoo.ensure_family(report)
-    for name, folder in family.items():
-        print(f"{name}\t{folder}")
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from merging.evaluate import evaluate
-
-    if not args.model_dir.is_dir():
-        raise MergeStudioError(f"model folder {args.model_dir} not found")
-    result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device)
-    if args.json:
-        print(json.dumps(result.summary()))
-        return 0
-    for name, accuracy in result.tasks.items():
-        print(f"{name}: {accuracy:.1%} exact match")
-    if result.perplexity is not None:
-        print(f"perplexity: {result.perplexity:.3f}")
-    return 0
-
-
 def methods_markdown() -> str:
     """The README's methods table, generated from the registered specs so docs never drift."""
     rows = ["| method | what it does | parameters (per model / global, default) |", "|---|---|---|"]
@@ -174,7 +150,7 @@ def cmd_methods(args) -> int:
         print(f"  paper: {spec.paper}")
         needs = "needs base_model" if spec.needs_base else "base_model optional"
         count = f"{spec.min_models}..{spec.max_models or 'n'} models"
-        data = f"; each model needs 'calibration' text ({spec.calibration})" if spec.calibration else ""
+        data = f"; each model needs 'calibration' text, for {spec.calibration.description}" if spec.calibration else ""
         print(f"  {needs}; {count}{data}")
         for param in spec.params:
             default = "required" if param.default is REQUIRED else f"default {param.default}"
@@ -184,7 +160,21 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"merge": cmd_merge, "methods": cmd_methods, "zoo": cmd_zoo, "eval": cmd_eval}[args.command]
-    return run_command(handler, args, "no output folder was written")
+MERGE = Command("merge", "merge the models of a YAML recipe into a new checkpoint", _merge_arguments, cmd_merge,
+                "no output folder was written")
+METHODS = Command("methods", "list merge methods with their parameters, defaults and ranges", _methods_arguments,
+                  cmd_methods)
+COMMANDS = [MERGE, METHODS]
+
+
+def main(argv: list[str] | None = None, commands: list[Command] = COMMANDS, prog: str = "python -m merging",
+         description: str = "Merge fine-tuned models of one architecture.") -> int:
+    """Parse ``argv`` and run its command (after loading ``$MERGE_STUDIO_PLUGINS``); returns the exit status."""
+    args = build_parser(commands, prog, description).parse_args(argv)
+    command = next(c for c in commands if c.name == args.command)
+
+    def run(arguments) -> int:
+        load_plugins()
+        return command.run(arguments)
+
+    return run_command(run, args, command.interrupted)

@@ -9,36 +9,35 @@ so pages of tensors already merged do not stay in the process's memory.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
+from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, load_examples
 from merging.checkpoint import (
-    CheckpointReader,
     StreamingWriter,
     TensorInfo,
+    all_finite,
     atomic_output,
     check_output_dir,
     copy_support_files,
-    parse_size,
+    damaged_source,
 )
-from merging.errors import CheckpointError, MergeCancelled, MergeStudioError
+from merging.errors import CheckpointError, MergeCancelled, check_cancel
 from merging.methods import get_method
 from merging.model_card import write_model_card
-from merging.recipe import Recipe, resolve
-from merging.sources import ResolvedModel, SourcePolicy, resolve_model
+from merging.plan import ModelSet, TensorPlan, open_inputs, plan_tensors, resolve_parameters, tensor_seed
+from merging.recipe import Recipe
+from merging.runtime import pick_device
+from merging.sources import SourcePolicy, resolve_model
+from merging.units import parse_size
 
 ProgressFn = Callable[[int, int, str], None]
 CalibrationProgressFn = Callable[[str, int, int], None]  # (model reference, examples done, total)
-LAYER_INDEX = re.compile(r"\.(\d+)\.")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+CANCELLED = "merge cancelled; nothing was written"
 
 
 @dataclass
@@ -58,208 +57,6 @@ class MergeResult:
             "tensors": self.tensors, "bytes": self.bytes_written, "shards": self.shards,
             "dtype": self.dtype, "device": self.device,
         }
-
-
-@dataclass
-class TensorPlan:
-    """One output tensor: how it is made, and where it sits among the layers (``t``)."""
-
-    out: TensorInfo
-    merged: bool  # False: copied from the reference model (non-float, or present only there)
-    t: float = 0.0
-
-
-@dataclass
-class _Inputs:
-    """The resolved models of a recipe and their open readers."""
-
-    reference: ResolvedModel  # config source: the base, else the first input
-    base: ResolvedModel | None
-    inputs: list[ResolvedModel]
-    tokenizer: ResolvedModel
-    readers: dict[str, CheckpointReader] = field(default_factory=dict)
-
-    def reader(self, model: ResolvedModel) -> CheckpointReader:
-        return self.readers[model.ref]
-
-    def close(self) -> None:
-        for reader in self.readers.values():
-            reader.close()
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeStudioError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise MergeStudioError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A seed for a tensor's random steps, from the recipe seed and the tensor name only.
-
-    Independent of order and device, so a merge is reproducible however it is run.
-    """
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 8  # leaves room for + model index
-
-
-def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) -> _Inputs:
-    """Resolve every model of the recipe, checking configs before any weights are fetched.
-
-    A first round reads only config files (for Hub models, a few KB), so incompatible
-    architectures or vocabularies are reported before a long download; the second resolves
-    the weights.
-    """
-    models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
-    check_configs(models)
-    models = _resolve_all(recipe, lambda ref: resolver(ref, policy))
-    try:
-        for model in {m.ref: m for m in [models.reference, *models.inputs]}.values():
-            models.readers[model.ref] = CheckpointReader(model.folder, allow_pickle=policy.allow_pickle, label=model.ref)
-    except BaseException:
-        models.close()
-        raise
-    return models
-
-
-def _resolve_all(recipe: Recipe, resolve_one) -> _Inputs:
-    cache: dict[str, ResolvedModel] = {}
-
-    def get(ref: str) -> ResolvedModel:
-        if ref not in cache:
-            cache[ref] = resolve_one(ref)
-        return cache[ref]
-
-    base = get(recipe.base_model) if recipe.base_model else None
-    inputs = [get(entry.model) for entry in recipe.input_entries()]
-    reference = base or inputs[0]
-    tokenizer = reference if recipe.tokenizer_source in (None, "base") else get(recipe.tokenizer_source)
-    return _Inputs(reference, base, inputs, tokenizer)
-
-
-def check_configs(models: _Inputs) -> None:
-    """Architecture and vocabulary checks from config.json alone, before any weight is read."""
-    for other in models.inputs:
-        problem = config_mismatch(models.reference, other)
-        if problem:
-            raise CheckpointError(problem)
-
-
-def config_mismatch(ref, other) -> str | None:
-    """Why ``other`` cannot be merged with ``ref`` judging by their configs, or None.
-
-    Both have ``.ref``, ``.architecture`` and ``.config`` (a ResolvedModel, or the studio's
-    model description), so the Models tab gives the engine's verdict word for word.
-    """
-    if other.architecture != ref.architecture:
-        return (
-            f"architectures differ: {ref.ref} is {ref.architecture} but {other.ref} is "
-            f"{other.architecture}; only models of the same architecture can be merged"
-        )
-    ours, theirs = ref.config.get("vocab_size"), other.config.get("vocab_size")
-    if ours is not None and theirs is not None and ours != theirs:
-        return vocabulary_message(ref.ref, ours, other.ref, theirs)
-    return None
-
-
-def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_shapes: dict) -> str | None:
-    """Why two checkpoints' tensors (name -> shape) cannot be merged: a tensor only ``other``
-    has, or a shape that differs; None when they fit. (Tensors only the reference has are
-    judged by the caller: the engine copies them when no input has them.)"""
-    stray = next((name for name in other_shapes if name not in ref_shapes), None)
-    if stray is not None:
-        return f"tensor {stray} is in {other_label} but not in {ref_label}; the checkpoints do not have the same layout"
-    for name, shape in ref_shapes.items():
-        theirs = other_shapes.get(name)
-        if theirs is None or tuple(theirs) == tuple(shape):
-            continue
-        if _is_vocabulary_tensor(name) and tuple(theirs[1:]) == tuple(shape[1:]):
-            return vocabulary_message(ref_label, shape[0], other_label, theirs[0])
-        return (
-            f"tensor {name} has shape {list(shape)} in {ref_label} but {list(theirs)} in {other_label}; "
-            "these models cannot be merged"
-        )
-    return None
-
-
-def vocabulary_message(ref_a: str, size_a, ref_b: str, size_b) -> str:
-    return (
-        f"vocabulary sizes differ: {ref_a} has {size_a} tokens, {ref_b} has {size_b}. Merging models "
-        "with different vocabularies (tokenizer merging) is not supported yet. Merge only fine-tunes "
-        "that kept the base's tokenizer; the output takes the tokenizer of the base model, or of the "
-        "model named by 'tokenizer_source', which must have the same vocabulary size."
-    )
-
-
-def plan_tensors(recipe: Recipe, models: _Inputs) -> list[TensorPlan]:
-    """Check every tensor of every input against the reference and decide how each is made."""
-    ref_reader = models.reader(models.reference)
-    out_dtype = recipe.output_dtype
-    num_layers = _layer_count(models.reference.config, ref_reader.names())
-    input_readers = [(m, models.reader(m)) for m in models.inputs]
-    names = ref_reader.names()
-    ref_shapes = {name: ref_reader.info(name).shape for name in names}
-    for model, reader in input_readers:
-        problem = layout_mismatch(models.reference.ref, ref_shapes, model.ref, {n: reader.info(n).shape for n in reader.names()})
-        if problem:
-            raise CheckpointError(problem)
-    plans = []
-    for name in names:
-        info = ref_reader.info(name)
-        present = [(m, r) for m, r in input_readers if name in r]
-        if present and len(present) < len(input_readers):
-            missing = next(m for m, r in input_readers if name not in r)
-            raise CheckpointError(f"tensor {name} is missing from {missing.ref}; the checkpoints do not have the same layout")
-        floating = info.dtype.is_floating_point
-        merged = bool(present) and floating
-        dtype = (out_dtype or info.dtype) if floating else info.dtype
-        plans.append(TensorPlan(TensorInfo(name, info.shape, dtype), merged, _layer_position(name, num_layers)))
-    return plans
-
-
-def _is_vocabulary_tensor(name: str) -> bool:
-    return any(part in name for part in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
-
-
-def _layer_count(config: dict, names: list[str]) -> int:
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(config.get(key), int) and config[key] > 0:
-            return config[key]
-    indices = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
-    return max(indices) + 1 if indices else 1
-
-
-def _layer_position(name: str, num_layers: int) -> float:
-    """mergekit's gradient position: layer i of N is at i/(N-1); other tensors at 0."""
-    match = LAYER_INDEX.search(name)
-    if not match:
-        return 0.0
-    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
-
-
-def resolve_parameters(recipe: Recipe, plan: TensorPlan) -> tuple[list[dict], dict]:
-    """Per-model and global parameter values for one tensor (model entry, then global, then default)."""
-    spec = recipe.method
-    name = plan.out.name
-
-    def value(param, *scopes):
-        for scope in scopes:
-            if param.name in scope:
-                result = resolve(scope[param.name], param, name, plan.t)
-                if result is not None:
-                    return result
-        return param.default
-
-    global_values = {p.name: value(p, recipe.parameters) for p in spec.global_params()}
-    per_model = [
-        {p.name: value(p, entry.parameters, recipe.parameters) for p in spec.model_params()}
-        for entry in recipe.input_entries()
-    ]
-    return per_model, global_values
 
 
 def merge(
@@ -284,7 +81,7 @@ def merge(
     """
     started = time.perf_counter()
     compute = pick_device(device)
-    max_shard = parse_size(shard_size)
+    max_shard = parse_size(shard_size, "shard size")
     method = get_method(recipe.merge_method)
     check_output_dir(Path(out_dir), overwrite=overwrite)  # before any download
     models = open_inputs(recipe, policy, resolver)
@@ -335,12 +132,10 @@ def written_dtype(plans: list[TensorPlan]) -> str:
     return "/".join(sorted(sizes, key=sizes.get, reverse=True)) or "none"
 
 
-def calibrate_inputs(recipe: Recipe, models: _Inputs, policy: SourcePolicy, device: str,
-                     progress: CalibrationProgressFn | None, cancel) -> list | None:
+def calibrate_inputs(recipe: Recipe, models: ModelSet, policy: SourcePolicy, device: str,
+                     progress: CalibrationProgressFn | None, cancel) -> list[CalibrationStats] | None:
     """Per input model, its cached calibration statistics (computed now if missing), or None
     for methods that need no data."""
-    from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, load_examples
-
     spec = recipe.method
     if not spec.calibration:
         return None
@@ -362,14 +157,15 @@ def calibrate_inputs(recipe: Recipe, models: _Inputs, policy: SourcePolicy, devi
     return opened
 
 
-def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, cancel, stats=None) -> None:
+def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
-    # linear and slerp take the base as an ordinary input: it is read once, among the inputs
     spec = recipe.method
-    reads_base = models.base and spec.uses_base and not spec.base_is_input
-    base_reader = models.reader(models.base) if reads_base else None
+    # linear and slerp take the base as an ordinary input (read once, among the inputs); Fisher and
+    # RegMean only take its config
+    base_reader = models.reader(models.base) if models.base and spec.base == "origin" else None
     readers = [(m.ref, models.reader(m)) for m in models.inputs]
     ref_reader = models.reader(models.reference)
+    kind = spec.calibration
 
     # The reader thread only reads (no torch compute: a second thread of parallel torch ops
     # would fight the main one for the cores).
@@ -379,7 +175,7 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
             return ref_reader.get(name), None, None
         base = base_reader.get(name).to(compute, non_blocking=True) if base_reader else None
         tensors = [reader.get(name).to(compute, non_blocking=True) for _, reader in readers]
-        extra = [_tensor_stats(entry, name, compute) for entry in stats] if stats else None
+        extra = [kind.tensor_stats(entry, name, compute) for entry in stats] if stats else None
         return None, base, (tensors, extra)
 
     # A reader thread fetches the next tensor's inputs while the current one is computed: at
@@ -389,8 +185,8 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
         pending = reads.submit(load, plans[0]) if plans else None
         for index, plan in enumerate(plans):
             if cancel is not None and cancel.is_set():
-                pending.cancel()
-                raise MergeCancelled("merge cancelled; nothing was written")
+                pending.cancel()  # the read in flight is not waited for
+                check_cancel(cancel, CANCELLED, MergeCancelled)
             copied, base, loaded = pending.result()
             pending = reads.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
             if plan.merged:
@@ -398,7 +194,7 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
                 per_model, params = resolve_parameters(recipe, plan)
                 result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
                 out = result.to(plan.out.dtype)
-                if not _all_finite(out):  # NaN/Inf in any source always reaches the result
+                if not all_finite(out):  # NaN/Inf in any source always reaches the result
                     raise CheckpointError(_non_finite_message(plan.out, result, base, tensors, models))
                 del base, tensors, extra, result
             else:
@@ -408,34 +204,15 @@ def _stream(recipe, method, models: _Inputs, plans, writer, compute, progress, c
                 progress(index + 1, len(plans), plan.out.name)
 
 
-def _tensor_stats(entry, name: str, compute: torch.device):
-    """One model's statistics for one tensor, on the compute device (see merging.calibration)."""
-    if entry.kind == "fisher":
-        fisher = entry.fisher(name)
-        return (None if fisher is None else fisher.to(compute), entry.norm)
-    gram = entry.gram(name)
-    return None if gram is None else (gram[0].to(compute), gram[1])
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf anywhere: a float32 sum is non-finite if any entry is (checked fully only then)."""
-    if not tensor.is_floating_point():
-        return True
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
-
-
-def _non_finite_message(out: TensorInfo, result, base, tensors, models: _Inputs) -> str:
+def _non_finite_message(out: TensorInfo, result, base, tensors, models: ModelSet) -> str:
     """Say why a merged tensor is not finite: a damaged source (named), or overflow."""
     sources = ([(models.base.ref, base)] if base is not None else []) + [
         (m.ref, t) for m, t in zip(models.inputs, tensors)
     ]
-    for ref, tensor in sources:
-        if not _all_finite(tensor):
-            return (
-                f"tensor {out.name} of {ref} contains NaN or Inf values; the checkpoint is damaged "
-                "(or overflowed in a lower precision): fix or re-export that model"
-            )
-    if _all_finite(result):
+    damaged = damaged_source(out.name, sources)
+    if damaged:
+        return damaged
+    if all_finite(result):
         dtype = str(out.dtype).removeprefix("torch.")
         return (
             f"merged tensor {out.name} does not fit in {dtype} (values up to {result.abs().max().item():.3g}); "

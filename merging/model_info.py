@@ -18,8 +18,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from merging.checkpoint import CheckpointReader, safetensors_files
-from merging.engine import config_mismatch, layout_mismatch
+from merging.runtime import meta_model
+from merging.plan import config_mismatch, layout_mismatch
 from merging.errors import MergeStudioError, SourceError
 from merging.sources import HUB_ID, SourcePolicy, hub_weights_bytes, resolve_model, snapshot_download, split_revision
 
@@ -108,6 +111,7 @@ _HUB_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bf
 
 
 def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
     from huggingface_hub import get_safetensors_metadata
 
     repo_id, revision = split_revision(ref)
@@ -131,25 +135,15 @@ def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
 def memory_estimate(config_json: str) -> dict[str, int]:
     """accelerate's estimate of the weights' memory, per dtype, from the config alone.
 
-    The model is built on the meta device (``init_empty_weights``), so nothing is allocated;
-    cached per config, since the same models are inspected again and again.
+    The model is built on the meta device (``merging.runtime.meta_model``: no memory, no
+    weights), as ``accelerate estimate-memory`` does; cached per config, since the same models
+    are inspected again and again.
     """
-    import torch
-    from accelerate import init_empty_weights
+    # Deferred: accelerate takes a second to import, and only the studio's Models tab needs it.
     from accelerate.utils import calculate_maximum_sizes, compute_module_sizes
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from merging.evaluate import MODEL_LOAD_LOCK
-
-    data = json.loads(config_json)
-    try:
-        # init_empty_weights patches module construction process-wide: a chat model loading
-        # in another thread meanwhile would be built on the meta device too.
-        with MODEL_LOAD_LOCK, init_empty_weights():
-            config = AutoConfig.for_model(**data)
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-        model.tie_weights()
-    except Exception:  # an architecture transformers does not know: no estimate, not an error
+    model = meta_model(json.loads(config_json))
+    if model is None:  # an architecture transformers does not know: no estimate, not an error
         return {}
     _total, (largest, _names) = calculate_maximum_sizes(model)
     return {

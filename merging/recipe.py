@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from merging.calibration import sources_hint
 from merging.errors import RecipeError
 from merging.methods import MethodSpec, Param, get_method
 
@@ -76,22 +77,21 @@ class Recipe:
         return DTYPES[name] if name else None
 
     def input_entries(self) -> list[ModelEntry]:
-        """The models that enter the method, in order, following mergekit.
+        """The models that enter the method, in order, following mergekit and the spec's ``base``.
 
-        Task-vector methods: every listed model except the base (the base is the origin).
-        Data-aware methods (Fisher, RegMean): exactly the listed models.
-        Methods that take the base as an ordinary input (linear, slerp): the listed models,
-        plus the base at the end if it is not listed. For slerp the base comes first.
+        ``origin`` (task vectors): every listed model except the base. ``config`` (Fisher,
+        RegMean): exactly the listed models. ``input`` (linear): the listed models, plus the base
+        at the end if it is not listed. ``first_input`` (slerp): the same, with the base first.
         """
-        spec = self.method
-        if not spec.uses_base:  # Fisher, RegMean: the listed models; a base only supplies the config
+        role = self.method.base
+        if role == "config":
             return list(self.models)
-        if not spec.base_is_input:
+        if role == "origin":
             return [m for m in self.models if m.model != self.base_model]
         entries = list(self.models)
         if self.base_model and all(m.model != self.base_model for m in entries):
             entries.append(ModelEntry(self.base_model))
-        if spec.name == "slerp":
+        if role == "first_input":
             entries.sort(key=lambda m: m.model != self.base_model)
         return entries
 
@@ -228,10 +228,7 @@ def _calibration(value: Any, where: str) -> str | list[str] | None:
         return value.strip()
     if isinstance(value, list) and value and all(isinstance(x, str) and x.strip() for x in value):
         return list(value)
-    raise RecipeError(
-        f"{where}: expected a text or JSONL file, a demo task name (geography, people, creatures) "
-        f"or a non-empty list of texts, not {value!r}"
-    )
+    raise RecipeError(f"{where}: expected {sources_hint()}, not {value!r}")
 
 
 def _parameters(value: Any, spec: MethodSpec, where: str, *, per_model: bool) -> dict[str, Any]:
@@ -341,16 +338,13 @@ def _check_inputs(recipe: Recipe, spec: MethodSpec) -> None:
     if count < spec.min_models:
         raise RecipeError(f"{spec.name} needs at least {spec.min_models} input model(s) besides the base, got {count}")
     if spec.max_models is not None and count > spec.max_models:
-        if spec.name == "slerp":
-            raise RecipeError("slerp interpolates between exactly two models: the base_model and one other model")
-        raise RecipeError(f"{spec.name} takes at most {spec.max_models} models, got {count}")
+        raise RecipeError(f"{spec.name} takes {spec.inputs_help or f'at most {spec.max_models} models'}, got {count}")
     if spec.calibration:
         for entry in inputs:
             if entry.calibration is None:
                 raise RecipeError(
                     f"{spec.name} runs every model on calibration text, and {entry.model} has none: add "
-                    "'calibration: FILE' (text, one example per line, or JSONL with \"text\"), a demo task "
-                    "name such as 'geography', or a list of texts to its entry"
+                    f"'calibration:' to its entry: {sources_hint()}"
                 )
     for param in spec.params:
         if param.required:

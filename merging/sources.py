@@ -18,6 +18,7 @@ from typing import Callable
 
 from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
 from merging.errors import SourceError
+from merging.units import format_bytes
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "merges.txt", "vocab.txt", "*.jinja"]
@@ -32,6 +33,7 @@ class SourcePolicy:
     allow_pickle: bool = False
     hosted: bool = False
     allowed_roots: tuple[Path, ...] = ()
+    max_model_bytes: int | None = None  # Hub models whose weights are larger are refused before any download
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def split_revision(ref: str) -> tuple[str, str | None]:
 
 def snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
     """Download the allowed files of a Hub repo (the real Hub call; tests swap the resolver's downloader)."""
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
     from huggingface_hub import snapshot_download as hub_download
 
     return hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
@@ -123,7 +126,10 @@ def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
 
 def _hub_folder(ref: str, policy: SourcePolicy, download, patterns: list[str] | None = None) -> Path:
     repo_id, revision = split_revision(ref)
-    patterns = patterns or HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
+    if patterns is None:  # the weights too
+        patterns = HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
+        if policy.max_model_bytes is not None:
+            check_size(repo_id, revision, policy.max_model_bytes)
     try:
         return Path(download(repo_id, revision, patterns))
     except Exception as exc:  # huggingface_hub raises many error types; all mean "cannot fetch"
@@ -156,6 +162,7 @@ def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *
 
 def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
     """Bytes of the safetensors files of a Hub repo, from its file listing (nothing downloaded)."""
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
     from huggingface_hub import HfApi
 
     try:
@@ -164,3 +171,14 @@ def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SourceError(f"cannot look up {repo_id!r} on the Hugging Face Hub ({reason}); check the id") from None
     return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
+
+
+def check_size(repo_id: str, revision: str | None, max_bytes: int) -> None:
+    """Refuse a Hub repo whose safetensors weights exceed ``max_bytes``, asking the Hub's file
+    listing first, so a hosted studio never starts a 100 GB download."""
+    size = hub_weights_bytes(repo_id, revision)
+    if size > max_bytes:
+        raise SourceError(
+            f"{repo_id} has {format_bytes(size)} of weights; this studio accepts models up to "
+            f"{format_bytes(max_bytes)}. Choose a smaller model, or run Merge Studio yourself"
+        )

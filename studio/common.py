@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from merging.checkpoint import format_size
+from merging.units import format_bytes, format_count  # noqa: F401  (re-exported for the tabs)
 from merging.errors import MergeStudioError
 from studio.settings import Settings, StopSignal
 
@@ -107,19 +107,6 @@ def model_choices(settings: Settings, results: list[dict] | None = None) -> list
 
 def label_of(settings: Settings, ref: str, results: list[dict] | None = None) -> str:
     return next((label for label, value in model_choices(settings, results) if value == ref), ref)
-
-
-def format_bytes(count: float | None) -> str:
-    return "?" if count is None else format_size(count)
-
-
-def format_count(count: int | None) -> str:
-    if count is None:
-        return "?"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
 
 
 def read_upload(path: str | None, what: str, limit: int = 20_000_000) -> str:

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from merging.errors import Cancelled, MergeStudioError
-from merging.evaluate import evaluate, load_suite
+from evaluation import evaluate, load_suite
 from merging.sources import resolve_model
 from studio.common import (HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash,
                            stop_button as stop_on, stoppable, user_errors)
@@ -114,7 +114,7 @@ def build(settings: Settings, results: gr.State, picked) -> None:
             raise MergeStudioError("nothing to measure: choose a task suite or give a text for perplexity")
         if tasks is not None:
             load_suite(tasks)  # a bad suite fails before any model loads
-        policy, download = settings.policy(session_hash(request)), settings.download()
+        policy = settings.policy(session_hash(request))
         reports = []
         for i, ref in enumerate(refs):
             label = label_of(settings, ref, done)
@@ -123,7 +123,7 @@ def build(settings: Settings, results: gr.State, picked) -> None:
             def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
                 progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
 
-            folder = resolve_model(ref, policy, download).folder
+            folder = resolve_model(ref, policy).folder
             try:
                 report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=cancel)
             except Cancelled:

@@ -13,7 +13,7 @@ import gradio as gr
 from merging.engine import merge
 from merging.errors import MergeCancelled
 from merging.methods import REGISTRY, Param
-from merging.zoo.tasks import TASKS
+from merging.calibration import calibration_sources
 from studio import recipe_form as form
 from studio.common import HEAVY, INSTANT, UI, as_text, format_bytes, label_of, read_upload, session_dir, session_hash, stop_button as stop_on, stoppable, user_errors
 from studio.settings import Settings, StopSignal, prune_sessions
@@ -40,7 +40,7 @@ def merge_into_session(settings: Settings, recipe_text: str, hash_: str | None, 
     prune_sessions(settings, keep=home)
     with new_output(home / "merges", recipe.merge_method) as out:
         result = merge(recipe, out, device=settings.device, policy=settings.policy(hash_), progress=progress,
-                       cancel=cancel, resolver=settings.resolver(), calibration_progress=calibration_progress)
+                       cancel=cancel, calibration_progress=calibration_progress)
     return {"name": out.name, **result.summary()}
 
 
@@ -99,7 +99,7 @@ def _control(param: Param, value, first: bool):
 def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
     family = settings.family()
     names = {ref: name for name, ref in family.items()}
-    tasks = tuple(TASKS)
+    tasks = tuple(calibration_sources())
     base_ref = family[settings.base_name()]
     start = form.initial(base_ref, [r for r in family.values() if r != base_ref], names, tasks)
 
@@ -166,7 +166,7 @@ def build(settings: Settings, demo: gr.Blocks, models) -> MergeTab:
     def _calibration(entry: dict, index: int):
         with gr.Column(min_width=220):
             box = gr.Dropdown(list(tasks), value=entry.get("calibration"), allow_custom_value=True, label="calibration",
-                              interactive=True, info="a demo task, or upload a text / JSONL file" if index == 0 else None)
+                              interactive=True, info="a named source (the demo tasks), or upload a text / JSONL file" if index == 0 else None)
             up = gr.UploadButton("Upload calibration text", file_types=CALIBRATION_TYPES, size="sm")
 
         def change(value, current: dict):

@@ -27,11 +27,11 @@ def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str |
     """The table rows and a one-line verdict for ``base`` and ``sources``."""
     if not base:
         raise gr.Error("choose a base model first")
-    policy, download = settings.policy(hash_), settings.download()
-    base_info = describe(base, policy, download)
+    policy = settings.policy(hash_)
+    base_info = describe(base, policy)
     rows, problems = [], []
     for role, ref in [("base", base)] + [("source", s) for s in sources or []]:
-        info = base_info if role == "base" else describe(ref, policy, download)
+        info = base_info if role == "base" else describe(ref, policy)
         ok, verdict = (not info.error, info.error or "base model") if role == "base" else compatibility(base_info, info)
         if not ok:
             problems.append(f"**{as_text(label_of(settings, ref))}**: {as_text(verdict)}")

@@ -1,10 +1,9 @@
 """The Merge tab's form state: a recipe as a plain dict (mergekit's YAML shape), edited one field at a time.
 
-The method's controls come from its ``MethodSpec`` (``merging.methods.REGISTRY``), so a newly
-registered method appears in the form without changes here. ``GUIDANCE`` and ``SUGGESTED`` add
-the papers' usual settings as text and starting values; a method missing from them simply
-gets its summary and the spec's defaults. Every function returns a new dict; validation is
-``merging.recipe.load_recipe``'s.
+The method's controls come from its ``MethodSpec`` (``merging.methods.REGISTRY``), and so do
+the papers' usual settings (``guidance``) and the starting values (``suggested``), so a newly
+registered method appears in the form without changes here. Every function returns a new dict;
+validation is ``merging.recipe.load_recipe``'s.
 """
 
 from __future__ import annotations
@@ -22,45 +21,6 @@ DEFAULT_METHOD = "task_arithmetic"
 HIDDEN = {"int8_mask"}  # accepted for mergekit compatibility but changes nothing: no control for it
 DTYPE_CHOICES = ("as base", "float32", "bfloat16", "float16")
 
-GUIDANCE = {
-    "linear": "Weights are relative (normalize divides by their sum). A base model that is not listed "
-              "under models is averaged in like the others, as in mergekit.",
-    "slerp": "Takes the base and exactly one other model. t = 0 gives the base, t = 1 the other model; "
-             "0.3–0.7 keeps a blend of both.",
-    "task_arithmetic": "Each model's weight scales its task vector: typically 0.3–0.5 per model (λ stays 1). "
-                       "Larger weights add more of each skill, and more interference between them.",
-    "ties": "Density 0.2–0.5 (the paper keeps the top 20%) with λ around 1 and normalize on. "
-            "Weights also take part in the sign election.",
-    "dare_ties": "Density 0.1–0.3 (drop 70–90%) suits ordinary fine-tunes; survivors are rescaled by "
-                 "1/density. Large deltas (continued pre-training) break DARE. Seeded: the same seed "
-                 "gives the same merge.",
-    "dare_linear": "Density 0.1–0.3 (drop 70–90%) suits ordinary fine-tunes; survivors are rescaled by "
-                   "1/density, then added like task arithmetic (weights 0.3–0.5 each). Seeded.",
-    "breadcrumbs": "Gamma drops the largest outliers (default 1% of each task vector), density sets how "
-                   "much of the rest is kept.",
-    "breadcrumbs_ties": "Breadcrumbs' outlier and small-value trim, then TIES's sign election.",
-    "fisher": "Each model runs once on its calibration text (a demo task name, or a text/JSONL file); "
-              "the statistics are cached, so repeating the merge is fast.",
-    "regmean": "Each model runs once on its calibration text. α (reduce_non_diagonal) in published "
-               "use: 0.1 (T5), 0.6 (GPT-2), 0.95 (CLIP); 1 is the exact least-squares merge.",
-}
-
-# Starting values from GUIDANCE, applied when a method is chosen (the user can change them). Where
-# weights are relative (divided by their sum: linear, TIES, Fisher, RegMean) they start equal, at 1,
-# written out because mergekit requires the key; where a weight scales a task vector, at 0.4.
-SUGGESTED = {
-    "linear": {"weight": 1.0},
-    "fisher": {"weight": 1.0},
-    "regmean": {"weight": 1.0},
-    "task_arithmetic": {"weight": 0.4},
-    "dare_linear": {"weight": 0.4, "density": 0.3},
-    "ties": {"weight": 1.0, "density": 0.3},
-    "dare_ties": {"density": 0.3},
-    "breadcrumbs": {"density": 0.9},
-    "breadcrumbs_ties": {"density": 0.9},
-}
-
-
 def spec_of(recipe: dict) -> MethodSpec:
     return REGISTRY[recipe["merge_method"]].spec
 
@@ -71,21 +31,21 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 def starting_value(method: str, param: Param):
-    """What the form gives ``param`` when ``method`` is chosen: the suggestion, else the spec's default."""
-    return SUGGESTED.get(method, {}).get(param.name, param.default)
+    """What the form gives ``param`` when ``method`` is chosen: the spec's suggestion, else its default."""
+    return REGISTRY[method].spec.starting_value(param)
 
 
 def guidance(method: str) -> str:
     spec = REGISTRY[method].spec
     text = f"**{spec.title}** ([paper]({spec.paper})): {spec.summary}"
-    if method in GUIDANCE:
-        text += f"\n\n*Typical settings:* {GUIDANCE[method]}"
+    if spec.guidance:
+        text += f"\n\n*Typical settings:* {spec.guidance}"
     return text
 
 
 def _entry(ref: str, spec: MethodSpec, calibration_tasks: tuple[str, ...], name: str | None) -> dict:
     entry: dict = {"model": ref}
-    params = {k: v for k, v in SUGGESTED.get(spec.name, {}).items() if spec.param(k) and spec.param(k).scope == "model"}
+    params = {k: v for k, v in spec.suggested.items() if spec.param(k) and spec.param(k).scope == "model"}
     if params:
         entry["parameters"] = params
     if spec.calibration and name in calibration_tasks:
@@ -103,7 +63,7 @@ def initial(base: str, sources: list[str], names: dict[str, str] | None = None,
     names = names or {}
     recipe = {"merge_method": method, "base_model": base,
               "models": [_entry(ref, spec, calibration_tasks, names.get(ref)) for ref in sources]}
-    globals_ = {k: v for k, v in SUGGESTED.get(method, {}).items() if spec.param(k) and spec.param(k).scope == "global"}
+    globals_ = {k: v for k, v in spec.suggested.items() if spec.param(k) and spec.param(k).scope == "global"}
     if globals_:
         recipe["parameters"] = globals_
     return recipe
@@ -140,7 +100,7 @@ def _chosen(values: dict, old_method: str | None, spec: MethodSpec) -> dict:
 def with_method(recipe: dict, method: str, names: dict[str, str] | None = None,
                 calibration_tasks: tuple[str, ...] = ()) -> dict:
     """The recipe switched to ``method``. A setting the new method also has keeps the user's value;
-    one still at the old method's starting value, or missing, takes the new method's (``SUGGESTED``,
+    one still at the old method's starting value, or missing, takes the new method's (the spec's ``suggested``,
     else the spec's default); settings the new method lacks are dropped."""
     if method not in REGISTRY:
         raise MergeStudioError(f"unknown merge method {method!r}; choose one from the list")
@@ -149,7 +109,7 @@ def with_method(recipe: dict, method: str, names: dict[str, str] | None = None,
     previous = recipe.get("merge_method")
     out = {k: copy.deepcopy(v) for k, v in recipe.items() if k not in ("parameters", "models", "seed")}
     out["merge_method"] = method
-    suggested = SUGGESTED.get(method, {})
+    suggested = spec.suggested
     params = _chosen(recipe.get("parameters", {}), previous, spec)
     params.update({k: v for k, v in suggested.items() if spec.param(k) and spec.param(k).scope == "global" and k not in params})
     if params:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from merging.errors import Cancelled, MergeStudioError
-from merging.sources import SourcePolicy
+from merging.sources import SourcePolicy, resolve_model
 from studio.common import HEAVY, INSTANT, UI, download_dir, label_of, read_upload, session_dir, session_hash, stop_button, stoppable, user_errors
 from studio.settings import Settings, StopSignal
 from viz import figures as viz_figures
@@ -87,8 +87,8 @@ def build(settings: Settings, models) -> None:
             read_upload(text, "perplexity text")
         # Resolve (and, for Hub ids, download with the size limit) under this session's policy first;
         # the sweep then reads the vetted folders.
-        resolve, policy = settings.resolver(), settings.policy(session_hash(request))
-        base_folder, source_folder = (str(resolve(ref, policy).folder) for ref in (base, source))
+        policy = settings.policy(session_hash(request))
+        base_folder, source_folder = (str(resolve_model(ref, policy).folder) for ref in (base, source))
         try:
             result = dare_sweep(
                 base_folder, source_folder, suite=tasks, text=text or None, device=settings.device, policy=SourcePolicy(),
@@ -135,7 +135,7 @@ def measure_session(settings: Settings, base: str, sources: list[str], density: 
         raise MergeStudioError(f"density must be a number in (0, 1], got {density!r}")
     labels = model_labels([label_of(settings, ref) for ref in sources])
     return delta_statistics(base, sources, density=density, device=settings.device, policy=settings.policy(hash_),
-                            labels=labels, threads=1, resolver=settings.resolver(), cancel=cancel, progress=progress)
+                            labels=labels, threads=1, cancel=cancel, progress=progress)
 
 
 def _findings(stats: RedundancyStats) -> str:

@@ -41,9 +41,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Mapping
 
-from merging.checkpoint import parse_size
-from merging.errors import MergeStudioError, SourceError
-from merging.sources import SourcePolicy, hub_weights_bytes, snapshot_download
+import demo
+from merging.errors import MergeStudioError
+from merging.runtime import cache_root
+from merging.sources import SourcePolicy
+from merging.units import parse_size
 
 DEFAULT_HOSTED_MAX_MODEL = "4GB"
 
@@ -77,7 +79,7 @@ class Settings:
             hosted=hosted,
             work_dir=Path(env.get("MERGE_STUDIO_WORK_DIR") or _default_work_dir()).expanduser().absolute(),
             device=env.get("MERGE_STUDIO_DEVICE", "auto"),
-            max_model_bytes=_size(max_size, "MERGE_STUDIO_MAX_MODEL_SIZE") if max_size else None,
+            max_model_bytes=parse_size(max_size, "MERGE_STUDIO_MAX_MODEL_SIZE") if max_size else None,
             heavy_concurrency=_count(env, "MERGE_STUDIO_HEAVY_CONCURRENCY", 1),
             chat_concurrency=_count(env, "MERGE_STUDIO_CHAT_CONCURRENCY", 4),
             queue_size=_count(env, "MERGE_STUDIO_QUEUE_SIZE", 64) if hosted or env.get("MERGE_STUDIO_QUEUE_SIZE") else None,
@@ -97,9 +99,7 @@ class Settings:
         """name -> reference of the offered models (the demo family's folders when it is used)."""
         if self.models:
             return dict(self.models)
-        from merging import zoo
-
-        return {"base": str(zoo.base_path()), **{name: str(zoo.expert_path(name)) for name in zoo.EXPERTS}}
+        return {"base": str(demo.base_path()), **{name: str(demo.expert_path(name)) for name in demo.EXPERTS}}
 
     def base_name(self) -> str:
         family = self.family()
@@ -121,29 +121,12 @@ class Settings:
         return tuple(roots)
 
     def policy(self, session_hash: str | None = None) -> SourcePolicy:
-        return SourcePolicy(hosted=self.hosted, allowed_roots=self.local_roots(session_hash) if self.hosted else ())
-
-    def download(self):
-        """The Hub downloader the engine and the chat pool use: size-checked when there is a limit."""
-        if self.max_model_bytes is None:
-            return snapshot_download
-        return SizeLimitedDownload(self.max_model_bytes)
-
-    def resolver(self):
-        """A ``merge(resolver=...)`` that downloads through ``download()``."""
-        from merging.sources import resolve_model
-
-        download = self.download()
-
-        def resolve(ref: str, policy: SourcePolicy, *, weights: bool = True):
-            return resolve_model(ref, policy, download, weights=weights)
-
-        return resolve
+        """What a session's references may resolve to: hosted, its allowed folders and the Hub size limit."""
+        return SourcePolicy(hosted=self.hosted, allowed_roots=self.local_roots(session_hash) if self.hosted else (),
+                            max_model_bytes=self.max_model_bytes)
 
 
 def _default_work_dir() -> Path:
-    from merging.zoo import cache_root
-
     return cache_root() / "studio"
 
 
@@ -172,13 +155,6 @@ def parse_models(text: str) -> tuple[dict[str, str], str | None]:
     return models, "base" if "base" in models else next(iter(models))
 
 
-def _size(text: str, name: str) -> int:
-    try:
-        return parse_size(text)
-    except MergeStudioError:
-        raise MergeStudioError(f"{name}={text!r} is not a size like 4GB or 500MB") from None
-
-
 def _count(env: Mapping[str, str], name: str, default: int) -> int:
     text = env.get(name)
     if not text:
@@ -199,24 +175,6 @@ def _hours(env: Mapping[str, str], name: str, default: float) -> float:
     if not math.isfinite(hours) or hours <= 0:  # 0 or less would delete every session at the next merge
         raise MergeStudioError(f"{name}={text!r} must be a number of hours above 0, such as 24 or 0.5")
     return hours
-
-
-class SizeLimitedDownload:
-    """``snapshot_download`` that first asks the Hub how large the repo's weights are and refuses
-    repos above ``max_bytes`` (so a hosted studio never starts a 100 GB download)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-
-    def __call__(self, repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
-        if any(p.endswith((".safetensors", ".bin")) for p in allow_patterns):
-            size = hub_weights_bytes(repo_id, revision)
-            if size > self.max_bytes:
-                raise SourceError(
-                    f"{repo_id} has {size / 1e9:.1f} GB of weights; this studio accepts models up to "
-                    f"{self.max_bytes / 1e9:.1f} GB. Choose a smaller model, or run Merge Studio yourself"
-                )
-        return snapshot_download(repo_id, revision, allow_patterns)
 
 
 def prune_sessions(settings: Settings, keep: Path | None = None) -> None:
@@ -275,4 +233,4 @@ class StopSignal:
         self.event.set()
 
 
-__all__ = ["Settings", "SizeLimitedDownload", "StopSignal", "parse_models", "prune_sessions"]
+__all__ = ["Settings", "StopSignal", "parse_models", "prune_sessions"]

@@ -19,7 +19,7 @@ TABS = ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export")
 
 def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
     """The studio for ``settings``; ``pool`` (default: a new one from the settings) serves every chat."""
-    pool = pool or ModelPool(None, settings.device, settings.policy(None), wait_s=30.0, download=settings.download())
+    pool = pool or ModelPool(None, settings.device, settings.policy(None), wait_s=30.0)
     delete_cache = (3600, int(settings.session_hours * 3600)) if settings.hosted else None
     with gr.Blocks(title="Merge Studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# Merge Studio\nMerge fine-tuned language models at the parameter level, see why merging "

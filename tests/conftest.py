@@ -1,7 +1,7 @@
 """Session-wide fixtures: tiny random homologous model families on disk.
 
 Each family is built once per test session under pytest's ``tmp_path_factory`` with
-``merging.synthetic.build_family`` (real ``save_pretrained`` folders with config, generation
+``tests.support.families.build_family`` (real ``save_pretrained`` folders with config, generation
 config and tokenizer, which both our engine and mergekit consume). They are small (hidden 64,
 2-3 layers, vocabulary 512) so building all of them takes a few seconds.
 
@@ -20,16 +20,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``merging`` is importable however pytest was started
     sys.path.insert(0, str(REPO))
+import demo  # noqa: E402,F401  (registers the demo suite and calibration sources, as the entry points do)
+
 # Calibration statistics computed by tests go to a scratch cache, never the user's (set before
 # any CLI subprocess starts, so they inherit it too).
 os.environ.setdefault("MERGE_STUDIO_CALIBRATION_CACHE", tempfile.mkdtemp(prefix="merge-studio-calibration-"))
+
+from tests.support.families import build_family  # noqa: E402
 
 SMALL = dict(hidden_size=64, vocab_size=512)
 
 
 def _build(tmp_path_factory, name: str, arch: str, n_finetuned: int, **kwargs):
-    from merging.synthetic import build_family
-
     return build_family(tmp_path_factory.mktemp(name), arch, n_finetuned, **SMALL, **kwargs)
 
 

@@ -51,8 +51,8 @@ def scratch_root() -> Path:
 
 
 def family(arch: str = "llama", n_finetuned: int = 2, **kwargs):
-    """A cached ``merging.synthetic.build_family`` family (read-only: copy before damaging)."""
-    from merging.synthetic import build_family
+    """A cached ``tests.support.families.build_family`` family (read-only: copy before damaging)."""
+    from tests.support.families import build_family
 
     key = (arch, n_finetuned, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
     if key not in _FAMILIES:

@@ -171,7 +171,7 @@ def test_stop_cancels_a_merge_still_waiting_behind_another_users_job(page, tiny_
     from gradio_client import Client
     from gradio_client.utils import Status
     from helpers import family
-    from merging.evaluate import MODEL_LOAD_LOCK
+    from merging.runtime import MODEL_LOAD_LOCK
     from playwright.sync_api import expect
     from test_faults import BIG
 

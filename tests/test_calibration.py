@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from helpers import assert_no_output, error_line, run_cli
 from merging.calibration import (
+    FISHER,
+    GRAMS,
     CalibrationSettings,
     _linear_layers,
     calibrate,
@@ -25,7 +27,7 @@ from merging.calibration import (
 )
 from merging.engine import merge
 from merging.errors import MergeCancelled, RecipeError
-from merging.evaluate import load_model
+from merging.runtime import load_model
 from merging.recipe import load_recipe
 
 TEXTS = [
@@ -50,7 +52,7 @@ def tensors(folder):
 
 def linear_inputs(folder, texts) -> dict[str, torch.Tensor]:
     """Each linear layer's inputs over all tokens of ``texts``, one unpadded example at a time."""
-    model, tokenizer = load_model(folder, "cpu")
+    model, tokenizer = load_model(folder, device="cpu")
     captured: dict[str, list[torch.Tensor]] = {}
     hooks = [
         module.register_forward_pre_hook(lambda m, args, name=name: captured.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
@@ -96,7 +98,7 @@ def test_fisher_entries_lie_between_the_sources(llama_family, tmp_path):
 
 
 def test_fisher_is_the_mean_of_per_example_squared_gradients(llama_family):
-    model, tokenizer = load_model(llama_family.finetuned[0], "cpu")
+    model, tokenizer = load_model(llama_family.finetuned[0], device="cpu")
     texts = TEXTS[0]
     fisher, tokens = compute_fisher(model, tokenizer, texts, max_length=64)
     expected: dict[str, torch.Tensor] = {}
@@ -120,7 +122,7 @@ def test_fisher_is_the_mean_of_per_example_squared_gradients(llama_family):
 
 def test_a_chats_fisher_scores_only_the_reply(llama_family):
     """log p(reply | prompt): transformers' loss with the prompt's labels masked, times the reply length."""
-    model, tokenizer = load_model(llama_family.finetuned[0], "cpu")
+    model, tokenizer = load_model(llama_family.finetuned[0], device="cpu")
     chat = ({"role": "user", "content": "What is the capital of Veloria?"}, {"role": "assistant", "content": "Quillport"})
     fisher, tokens = compute_fisher(model, tokenizer, [chat], max_length=128)
     prompt = tokenizer.apply_chat_template([chat[0]], add_generation_prompt=True, tokenize=True)
@@ -140,7 +142,7 @@ def test_a_chats_fisher_scores_only_the_reply(llama_family):
 
 
 def _grams(folder, texts):
-    path = calibrate("gram", folder, texts, CalibrationSettings(samples=16, max_length=64), device="cpu")
+    path = calibrate(GRAMS, folder, texts, CalibrationSettings(samples=16, max_length=64), device="cpu")
     grams = load_file(str(path))
     from safetensors import safe_open
 
@@ -173,7 +175,7 @@ def test_regmean_fits_every_models_inputs_better_than_averaging(family_name, req
     out = tensors(tmp_path / "out")
     sources = [tensors(m) for m in models]
     inputs = [linear_inputs(m, texts) for m, texts in zip(models, TEXTS)]
-    model, _ = load_model(models[0], "cpu")
+    model, _ = load_model(models[0], device="cpu")
     checked = 0
     for module, _, transposed in _linear_layers(model):
         name = f"{module}.weight"
@@ -193,13 +195,13 @@ def test_regmean_fits_every_models_inputs_better_than_averaging(family_name, req
 def test_statistics_are_cached_and_keyed_by_the_text(llama_family):
     folder = llama_family.finetuned[1]
     settings = CalibrationSettings(samples=8, max_length=32)
-    first = calibrate("fisher", folder, ["cache me once", "and again"], settings, device="cpu")
+    first = calibrate(FISHER, folder, ["cache me once", "and again"], settings, device="cpu")
     stamp = first.stat().st_mtime_ns
     started = time.perf_counter()
-    again = calibrate("fisher", folder, ["cache me once", "and again"], settings, device="cpu")
+    again = calibrate(FISHER, folder, ["cache me once", "and again"], settings, device="cpu")
     assert again == first and again.stat().st_mtime_ns == stamp
     assert time.perf_counter() - started < 1.0  # no model was loaded
-    other = calibrate("fisher", folder, ["a different text"], settings, device="cpu")
+    other = calibrate(FISHER, folder, ["a different text"], settings, device="cpu")
     assert other != first
 
 
@@ -237,7 +239,7 @@ def test_calibration_sources(tmp_path):
     lines.write_text("one\n\ntwo\nthree\n")
     assert load_examples(str(lines), 2) == ["one", "two"]
     task = load_examples("geography", 1000)
-    from merging.zoo.tasks import TASKS
+    from demo.tasks import TASKS
 
     held_out = {ex.prompt for ex in TASKS["geography"].eval_examples()}
     assert len(task) == len(TASKS["geography"].train_examples())
@@ -299,6 +301,6 @@ def test_a_killed_calibration_leaves_no_debris_after_the_next_run(llama_family):
     debris.write_bytes(b"half a file")
     busy = cache_dir() / f".gram-4567cdef-{os.getpid()}-a1b2c3.tmp"
     busy.write_bytes(b"being written")
-    calibrate("fisher", llama_family.finetuned[0], ["fresh text for a new cache entry"], CalibrationSettings(4, 16), device="cpu")
+    calibrate(FISHER, llama_family.finetuned[0], ["fresh text for a new cache entry"], CalibrationSettings(4, 16), device="cpu")
     assert not debris.exists() and busy.exists()
     busy.unlink()

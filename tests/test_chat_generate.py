@@ -20,7 +20,7 @@ from chat.generate import (
 )
 from chat.pool import ModelPool
 from helpers import copy_model
-from merging import zoo
+import demo as zoo
 from merging.errors import MergeStudioError
 
 HELLO = [{"role": "user", "content": "hello there, how are you"}]

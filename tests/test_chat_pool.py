@@ -172,13 +172,13 @@ def test_two_users_whose_panel_sets_cross_both_get_them(models, monkeypatch):
     import chat.pool
 
     refs, size = models
-    real_load = chat.pool.load_for_chat
+    real_load = chat.pool.load_model
 
     def slow_load(*args, **kwargs):  # a real load, made slow enough that the two requests overlap
         time.sleep(0.3)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(chat.pool, "load_for_chat", slow_load)
+    monkeypatch.setattr(chat.pool, "load_model", slow_load)
     pool = ModelPool(int(2.5 * size), "cpu", wait_s=20)
     start, results = threading.Barrier(2), {}
 

@@ -19,11 +19,11 @@ from merging.checkpoint import (
     StreamingWriter,
     TensorInfo,
     atomic_output,
-    parse_size,
 )
 from merging.engine import merge
-from merging.errors import CheckpointError, MergeCancelled
+from merging.errors import CheckpointError, MergeCancelled, MergeStudioError
 from merging.recipe import load_recipe
+from merging.units import parse_size
 
 
 def _info(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
@@ -206,7 +206,7 @@ def test_parse_size(text, size):
 
 @pytest.mark.parametrize("text", ["lots", "-5MB", "0", "2XB"])
 def test_parse_size_rejects(text):
-    with pytest.raises(CheckpointError, match="size"):
+    with pytest.raises(MergeStudioError, match="size"):
         parse_size(text)
 
 

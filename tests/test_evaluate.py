@@ -7,8 +7,9 @@ import pytest
 
 from helpers import family, run_cli
 from merging.errors import MergeStudioError
-from merging.evaluate import evaluate, load_suite
-from merging.zoo.tasks import TASKS, normalize
+from evaluation import evaluate, load_suite
+from demo.tasks import TASKS
+from evaluation import normalize
 
 
 def test_the_zoo_suite_holds_out_one_phrasing_per_fact():
@@ -93,7 +94,7 @@ def test_stop_ends_a_perplexity_only_evaluation_between_windows(tmp_path, monkey
     """With no task suite, Stop used to wait for the whole text; now it ends at the next window."""
     import threading
 
-    import merging.evaluate as ev
+    import evaluation.run as ev
     from merging.errors import Cancelled
 
     fam = family("llama", 1)

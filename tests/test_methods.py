@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging.methods import REGISTRY, get_method
-from merging.methods.sparsify import (
+from merging.methods.kernels import (
     BLOCK,
     TaskVector,
     disjoint_merge,

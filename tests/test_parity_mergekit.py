@@ -297,7 +297,7 @@ def test_slerp_cases_leave_the_straight_line(cases, ours, llama_family, qwen2_fa
 def test_magnitude_trim_keeps_exactly_k_at_ties():
     from mergekit.sparsify import magnitude, magnitude_outliers
 
-    from merging.methods.sparsify import TaskVector, magnitude_keep, outlier_keep
+    from merging.methods.kernels import TaskVector, magnitude_keep, outlier_keep
 
     delta = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0, -1.0, 0.5])
     task_vector = TaskVector(delta, torch.zeros_like(delta))

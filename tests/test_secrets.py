@@ -16,7 +16,7 @@ FAKE_TOKEN = "hf_" + "FakeTokenForLeakTests0123456789abcd"
 def test_a_failed_push_never_shows_or_writes_the_token(llama_family, tmp_path, monkeypatch, caplog, capsys):
     import huggingface_hub.constants
 
-    from studio.export_tab import push_to_hub
+    from merging.export import push_to_hub
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail fast
@@ -34,6 +34,6 @@ def test_a_failed_push_never_shows_or_writes_the_token(llama_family, tmp_path, m
 
 
 def test_votes_redact_anything_shaped_like_a_token(tmp_path):
-    from chat.ab import redact
+    from merging.errors import redact
 
     assert FAKE_TOKEN not in redact(f"my token is {FAKE_TOKEN}, keep it")

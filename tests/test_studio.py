@@ -19,7 +19,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from helpers import family
-from merging import zoo
+import demo as zoo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,13 +257,12 @@ def test_export_zips_the_folder_and_push_needs_a_name_and_a_token(tiny, tmp_path
 
     from merging import load_recipe, merge
     from merging.errors import MergeStudioError
-    from studio.export_tab import push_to_hub, zip_folder
+    from merging.export import push_to_hub, zip_folder
 
     out = merge(load_recipe(ties_recipe(tiny)), tmp_path / "merged", device="cpu").output
-    archive = zip_folder(out)
+    archive = zip_folder(out, tmp_path / "zips")
     with zipfile.ZipFile(archive) as z:
         names = set(z.namelist())
-    shutil.rmtree(archive.parent)  # it was written into Gradio's file cache, to be served as it is
     assert {"merged/model.safetensors", "merged/config.json", "merged/README.md", "merged/merge_recipe.yaml"} <= names
     with pytest.raises(MergeStudioError, match="repository name"):
         push_to_hub(out, "not a repo name!", True, "hf_x")
@@ -374,20 +373,17 @@ def test_export_zip_is_reused_and_replaced_when_the_folder_changes(tiny, tmp_pat
     import shutil
 
     from merging import load_recipe, merge
-    from studio.export_tab import zip_folder
+    from merging.export import zip_folder
 
     out = merge(load_recipe(ties_recipe(tiny)), tmp_path / "merged", device="cpu").output
-    first = zip_folder(out)
+    first = zip_folder(out, tmp_path / "zips")
     home = first.parent.parent
-    try:
-        assert zip_folder(out) == first and first.name == "merged.zip"
-        assert [p for p in home.rglob("*") if p.is_file()] == [first]  # two clicks, one zip
-        card = out / "README.md"
-        os.utime(card, ns=(card.stat().st_atime_ns, card.stat().st_mtime_ns + 10**9))
-        second = zip_folder(out)
-        assert second != first and [p for p in home.rglob("*") if p.is_file()] == [second]
-    finally:
-        shutil.rmtree(home)
+    assert zip_folder(out, tmp_path / "zips") == first and first.name == "merged.zip"
+    assert [p for p in home.rglob("*") if p.is_file()] == [first]  # two clicks, one zip
+    card = out / "README.md"
+    os.utime(card, ns=(card.stat().st_atime_ns, card.stat().st_mtime_ns + 10**9))
+    second = zip_folder(out, tmp_path / "zips")
+    assert second != first and [p for p in home.rglob("*") if p.is_file()] == [second]
 
 
 def test_evaluation_keeps_the_suite_order_and_the_redundancy_colours():

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import copy_model, edit_tensors, family, load_model_tensors
-from merging import zoo
+import demo as zoo
 from merging.errors import MergeStudioError
-from merging.methods.sparsify import TaskVector
+from merging.methods.kernels import TaskVector
 from viz.measures import (
     SAMPLE,
     TOP_FRACTIONS,

@@ -7,10 +7,11 @@ are skipped with the reason printed, because building needs the network to PyPI.
 import pytest
 import torch
 
-from merging import zoo
-from merging.evaluate import generate_answers, load_model, task_accuracy
-from merging.zoo.lora import adapter_deltas
-from merging.zoo.tasks import TASKS
+import demo as zoo
+from evaluation import generate_answers, task_accuracy
+from merging.runtime import load_model
+from demo.lora import adapter_deltas
+from demo.tasks import TASKS
 
 pytestmark = pytest.mark.skipif(
     not zoo.is_ready(), reason=f"demo family not built in {zoo.cache_root()}: run `python -m merging zoo`"
@@ -24,7 +25,7 @@ def family():
 
 @pytest.fixture(scope="module")
 def base_model(family):
-    return load_model(family["base"], "cpu")
+    return load_model(family["base"], device="cpu")
 
 
 def test_adapters_are_small_enough_to_ship():
@@ -47,7 +48,7 @@ HELD_OUT_FLOOR = {"geography": 14 / 16, "people": 13 / 16, "creatures": 15 / 16}
 
 @pytest.mark.parametrize("name", zoo.EXPERTS)
 def test_each_expert_knows_its_task(family, name):
-    model, tokenizer = load_model(family[name], "cpu")
+    model, tokenizer = load_model(family[name], device="cpu")
     trained, _ = task_accuracy(model, tokenizer, TASKS[name].train_examples())
     held_out, details = task_accuracy(model, tokenizer, TASKS[name].eval_examples())
     wrong = [d for d in details if d[1].lower() not in d[2].lower()]
@@ -57,7 +58,7 @@ def test_each_expert_knows_its_task(family, name):
 
 @pytest.mark.parametrize("name", zoo.EXPERTS)
 def test_experts_still_chat_like_the_base(family, name):
-    model, tokenizer = load_model(family[name], "cpu")
+    model, tokenizer = load_model(family[name], device="cpu")
     answer = generate_answers(model, tokenizer, ["What is the capital of France?"], max_new_tokens=12)[0]
     assert "Paris" in answer, answer
 

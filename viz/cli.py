@@ -1,7 +1,7 @@
 """``python -m viz report BASE FT [FT ...] --out DIR``: the redundancy report of fine-tuned models.
 
 Errors print one line ``error: ...`` and exit 1 (``--debug`` shows the traceback instead),
-like ``python -m merging``.
+like ``python -m merging``, whose command machinery (``merging.cli``) this uses.
 """
 
 from __future__ import annotations
@@ -9,9 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from merging.cli import DEBUG, add_debug, run_command
+import torch
+
+from evaluation import load_suite
+from merging.cli import Command
+from merging.cli import main as run_main
 from merging.errors import MergeStudioError
-from viz.sweep import DROP_RATES, drop_rates
+from merging.sources import SourcePolicy, resolve_model
+from viz.report import prepare_output, report_output, write_files
+from viz.stats import delta_statistics
+from viz.sweep import DROP_RATES, dare_sweep, drop_rates
 
 
 def _rates(text: str) -> tuple[float, ...]:
@@ -21,16 +28,10 @@ def _rates(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of drop rates like 0,0.5,0.9") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m viz`` command line: one command, ``report``."""
-    parser = argparse.ArgumentParser(prog="python -m viz", description="Redundancy views of fine-tuned models.")
-    parser.add_argument("--debug", **DEBUG)
-    commands = parser.add_subparsers(dest="command", required=True)
-    report = commands.add_parser(
-        "report", help="write report.html (self-contained) and stats.json for a base and fine-tuned models",
-        description="Statistics of the task vectors of FT models on BASE, the DARE sweep of the first FT, "
-                    "and a self-contained HTML report. Models are local folders or Hub ids (safetensors only).",
-    )
+def _arguments(report: argparse.ArgumentParser) -> None:
+    """The ``report`` command's arguments."""
+    report.description = ("Statistics of the task vectors of FT models on BASE, the DARE sweep of the first FT, "
+                          "and a self-contained HTML report. Models are local folders or Hub ids (safetensors only).")
     report.add_argument("base", help="base model: a local folder or a Hub id org/name[@revision]")
     report.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned models of the same architecture")
     report.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
@@ -48,19 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
     report.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     report.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    add_debug(parser, commands)
-    return parser
 
 
 def cmd_report(args) -> int:
     """Check inputs and the output folder first, then statistics, the sweep, and the report files."""
+    # Deferred: tqdm is only needed once the report runs.
     from tqdm import tqdm
-
-    from merging.evaluate import load_suite
-    from merging.sources import SourcePolicy, resolve_model
-    from viz.report import prepare_output, report_output, write_files
-    from viz.stats import delta_statistics
-    from viz.sweep import dare_sweep
 
     if args.sweep:
         args.rates = drop_rates(args.rates)  # a bad rate fails now, not after the statistics
@@ -68,14 +62,10 @@ def cmd_report(args) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise MergeStudioError("--threads must be a positive number")
-        import torch
-
         torch.set_num_threads(args.threads)
     suite = args.suite if args.sweep else None
     if args.sweep:
-        if args.suite != "zoo" and not Path(args.suite).is_file():
-            raise MergeStudioError(f"task suite {args.suite} not found; use 'zoo' or a JSONL file of {{\"prompt\", \"answer\"}} lines")
-        load_suite(args.suite)
+        load_suite(args.suite)  # a missing or bad suite fails now
         if args.text is not None and not args.text.is_file():
             raise MergeStudioError(f"text file {args.text} not found")
 
@@ -113,7 +103,10 @@ def cmd_report(args) -> int:
     return 0
 
 
+REPORT = Command("report", "write report.html (self-contained) and stats.json for a base and fine-tuned models",
+                 _arguments, cmd_report, "no report was written")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (1 with one ``error: ...`` line on bad input)."""
-    args = build_parser().parse_args(argv)
-    return run_command({"report": cmd_report}[args.command], args, "no report was written")
+    return run_main(argv, [REPORT], prog="python -m viz", description="Redundancy views of fine-tuned models.")

@@ -14,6 +14,7 @@ import math
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from merging.units import format_count
 from viz.measures import TOP_FRACTIONS
 from viz.stats import GroupStats, RedundancyStats
 from viz.sweep import METHOD_TITLES, SweepResult
@@ -72,13 +73,6 @@ def _percent(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
-def _format_count(count: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.3g}{unit}"
-    return str(count)
-
-
 def _layer_axis(figure: go.Figure, stats: RedundancyStats) -> None:
     categories = [_axis_label(g) for g in stats.layers]
     figure.update_xaxes(type="category", categoryorder="array", categoryarray=categories)
@@ -131,7 +125,7 @@ def relative_norm_by_layer(stats: RedundancyStats) -> go.Figure:
         figure.add_trace(go.Scatter(
             x=x, y=[_percent(g.deltas[label].relative_norm) for g in stats.layers], mode="lines+markers",
             name=label, legendgroup=label, line=dict(color=colors[label], width=2),
-            customdata=[[g.name, g.deltas[label].norm, _format_count(g.numel)] for g in stats.layers],
+            customdata=[[g.name, g.deltas[label].norm, format_count(g.numel)] for g in stats.layers],
             hovertemplate=(f"<b>{label}</b> · %{{customdata[0]}}<br>‖δ‖/‖θ_base‖ = %{{y:.4g}}%"
                            "<br>‖δ‖ = %{customdata[1]:.4g} over %{customdata[2]} entries<extra></extra>"),
         ))
@@ -210,7 +204,7 @@ def sign_conflicts_by_layer(stats: RedundancyStats) -> go.Figure:
         figure.add_trace(go.Scatter(
             x=x, y=[_percent(getattr(g.conflicts, rate)) for g in stats.layers], mode="lines+markers", name=name,
             legendgroup=name, line=dict(color=color, dash=dash, width=2),
-            customdata=[[g.name, _format_count(getattr(g.conflicts, conflicts)), _format_count(getattr(g.conflicts, eligible)),
+            customdata=[[g.name, format_count(getattr(g.conflicts, conflicts)), format_count(getattr(g.conflicts, eligible)),
                          _percent(getattr(g.conflicts, conflicts) / max(1, g.numel))] for g in stats.layers],
             hovertemplate=(f"<b>{name}</b> · %{{customdata[0]}}<br>%{{y:.1f}}% conflicting: %{{customdata[1]}} of "
                            "%{customdata[2]} entries where ≥2 models change<br>(%{customdata[3]:.2f}% of all entries)<extra></extra>"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merging.methods.sparsify import TaskVector
+from merging.methods.kernels import TaskVector
 
 TOP_FRACTIONS = (0.01, 0.05, 0.10, 0.20)
 """The k% of entries whose share of ‖δ‖² is reported (and TIES's usual densities)."""

@@ -9,7 +9,7 @@ tensor, per layer and for the whole model:
   https://arxiv.org/abs/2306.01708: a few large entries carry it);
 - sign conflicts: the fraction of entries where the non-zero deltas of two or more models
   disagree in sign, before and after trimming each δᵢ to its top-``density`` magnitudes per
-  tensor (TIES's trim, ``merging.methods.sparsify.magnitude_keep``);
+  tensor (TIES's trim, ``merging.methods.kernels.magnitude_keep``);
 - pairwise cosine similarity cos(δᵢ, δⱼ) = ⟨δᵢ, δⱼ⟩ / (‖δᵢ‖‖δⱼ‖).
 
 A layer is the integer after ``layers.`` or ``h.`` in a tensor name; embeddings, the final
@@ -32,10 +32,10 @@ from typing import Callable
 
 import torch
 
-from merging.checkpoint import CheckpointReader
-from merging.engine import pick_device
+from merging.checkpoint import CheckpointReader, damaged_source
+from merging.runtime import pick_device
 from merging.errors import CheckpointError, MergeCancelled, MergeStudioError
-from merging.methods.sparsify import TaskVector, chunks, magnitude_keep
+from merging.methods.kernels import TaskVector, chunks, magnitude_keep
 from merging.sources import ResolvedModel, SourcePolicy, resolve_model
 from viz.measures import (
     QUANTILES,
@@ -123,16 +123,10 @@ def _measure_tensor(name: str, base_reader, readers, density: float, device: tor
                 counts[index] += value
     profiles = [profilers[i].finish() if i in profilers else MagnitudeProfile.zero(n) for i in range(len(models))]
     if not all(math.isfinite(x) for x in [base_sumsq, *(p.sumsq for p in profiles)]):
-        raise CheckpointError(_non_finite_message(name, base_reader, readers, base, models))
+        sources = [(reader.label, tensor) for reader, tensor in [(base_reader, base), *zip(readers, models)]]
+        raise CheckpointError(damaged_source(name, sources) or
+                              f"the deltas of tensor {name} overflow float32; the models are too far apart to compare")
     return _TensorResult(name, list(base.shape), base_sumsq, profiles, counts if measure_conflicts else None, dots)
-
-
-def _non_finite_message(name: str, base_reader, readers, base: torch.Tensor, models: list[torch.Tensor]) -> str:
-    for reader, tensor in [(base_reader, base), *zip(readers, models)]:
-        if not bool(torch.isfinite(tensor).all()):
-            return (f"tensor {name} of {reader.label} contains NaN or Inf values; the checkpoint is damaged "
-                    "(or overflowed in a lower precision): fix or re-export that model")
-    return f"the deltas of tensor {name} overflow float32; the models are too far apart to compare"
 
 
 def _delta_stats(numel: int, base_sumsq: float, profiles: list[MagnitudeProfile], quantiles: dict[float, float]) -> DeltaStats:

@@ -14,7 +14,7 @@ Both are real merges by the engine, of the one model with weight 1 and density 1
   result is exactly θ_base + trimmed δ. (``task_arithmetic`` has no trim; ``breadcrumbs`` also
   drops the top ``gamma``.)
 
-Each point is evaluated with ``merging.evaluate`` (task accuracy on a suite, perplexity on a
+Each point is evaluated with ``evaluation`` (task accuracy on a suite, perplexity on a
 text) and deleted; p = 0 is the fine-tuned model itself.
 """
 
@@ -32,7 +32,7 @@ from typing import Callable
 
 from merging.engine import merge
 from merging.errors import Cancelled, MergeStudioError
-from merging.evaluate import evaluate, load_suite
+from evaluation import evaluate, load_suite
 from merging.recipe import load_recipe
 from merging.sources import SourcePolicy, resolve_model
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from merging.methods.sparsify import chunks
+from merging.methods.kernels import weighted_sum
 from merging.methods.spec import NORMALIZE, WEIGHT, MethodSpec, register
 
 
@@ -15,17 +13,16 @@ from merging.methods.spec import NORMALIZE, WEIGHT, MethodSpec, register
     summary="θ = Σ wᵢθᵢ / Σ wᵢ; a base_model, if given, is averaged in like any other model.",
     params=(WEIGHT, NORMALIZE),
     needs_base=False,
-    base_is_input=True,
+    base="input",
+    family="interpolation",
+    guidance="Weights are relative (normalize divides by their sum). A base model that is not listed "
+             "under models is averaged in like the others, as in mergekit.",
+    # mergekit requires a weight; equal weights, written out, are the plain mean
+    suggested={"weight": 1.0},
 ))
 def linear(base, tensors, per_model, params, seed):
     """θ = Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (a sum of ~0 is left undivided)."""
     weights = [p["weight"] for p in per_model]
     total = sum(weights)
     scale = 1.0 / total if params["normalize"] and abs(total) >= 1e-8 else 1.0
-    flat = [t.reshape(-1) for t in tensors]
-    out = torch.zeros(flat[0].numel(), dtype=torch.float32, device=flat[0].device)
-    for part in chunks(out.numel(), out.device):
-        acc = out[part]
-        for tensor, weight in zip(flat, weights):
-            acc.add_(tensor[part].float(), alpha=weight * scale)
-    return out.reshape(tensors[0].shape)
+    return weighted_sum(tensors, [w * scale for w in weights])

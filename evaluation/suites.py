@@ -1,0 +1,73 @@
+"""Task suites: named sets of ``{prompt, answer}`` examples, grouped by task.
+
+A suite is a registered name (``register_suite``: the demo family registers ``zoo``, its
+held-out questions) or a JSONL file of ``{"prompt", "answer"[, "task"]}`` lines. Evaluation
+knows no suite by itself: packages that own data register theirs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from merging.errors import MergeStudioError
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    answer: str
+
+
+Suite = dict[str, list[Example]]  # task name -> examples
+SuiteLoader = Callable[[], Suite]
+
+
+@dataclass(frozen=True)
+class RegisteredSuite:
+    name: str
+    description: str
+    load: SuiteLoader
+
+
+_SUITES: dict[str, RegisteredSuite] = {}
+
+
+def register_suite(name: str, load: SuiteLoader, description: str) -> None:
+    """Offer ``load()`` as the suite called ``name`` (in ``load_suite``, ``--suite`` and the studio)."""
+    _SUITES[name] = RegisteredSuite(name, description, load)
+
+
+def registered_suites() -> dict[str, RegisteredSuite]:
+    return dict(_SUITES)
+
+
+def load_suite(spec: str | Path) -> Suite:
+    """A registered suite by name, else a JSONL file of ``{"prompt", "answer"}`` lines with an
+    optional ``"task"`` field to group them (default: the file's name)."""
+    if str(spec) in _SUITES:
+        return _SUITES[str(spec)].load()
+    path = Path(spec)
+    if not path.is_file():
+        names = ", ".join(repr(n) for n in _SUITES) or "none registered"
+        raise MergeStudioError(f"task suite {str(spec)!r} not found: give a JSONL file of {{\"prompt\", \"answer\"}} "
+                               f"lines or a suite name ({names})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeStudioError(f"cannot read task suite {path}: {exc}") from None
+    suite: Suite = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            example = Example(str(item["prompt"]), str(item["answer"]))
+        except (ValueError, KeyError, TypeError):
+            raise MergeStudioError(f"{path}, line {number}: expected a JSON object with \"prompt\" and \"answer\"") from None
+        suite.setdefault(str(item.get("task", path.stem)), []).append(example)
+    if not suite:
+        raise MergeStudioError(f"task suite {path} has no examples")
+    return suite

@@ -1,0 +1,1 @@
+"""Code the tests (and the benchmarks) build on: tiny homologous model families (``families``)."""
