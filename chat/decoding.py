@@ -106,6 +106,7 @@ class Decoder:
                     str(error).splitlines()[0] if str(error) else "")
 
     def _take_slot(self):
+        # Deferred: transformers takes seconds to import; only a static-cache decoder needs it.
         from transformers import StaticCache
 
         with self._lock:

@@ -44,15 +44,18 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import psutil
 import torch
 
 from chat.decoding import Decoder, decoding_mode
 from merging.checkpoint import INDEX_NAME, CheckpointReader, pickle_files, safetensors_files
 from merging.errors import MergeStudioError
+from merging.prompts import has_chat_template
 from merging.runtime import load_model, pick_device
 from merging.sources import SourcePolicy, resolve_model, snapshot_download
 from merging.units import format_bytes, parse_size
@@ -86,8 +89,6 @@ def default_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * DEFAULT_BUDGET_FRACTION)
-    import psutil  # a dependency of accelerate
-
     return int(psutil.virtual_memory().available * DEFAULT_BUDGET_FRACTION)
 
 
@@ -203,6 +204,11 @@ class ModelHandle:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def templated(self) -> bool:
+        """False for a model without a chat template: it is prompted in plain-completion mode."""
+        return has_chat_template(self.tokenizer)
 
     def release(self) -> None:
         """Give the lease back (idempotent); the model may then be evicted."""
@@ -345,6 +351,16 @@ class ModelPool:
                 for handle in handles:
                     handle.release()
                 raise
+
+    @contextmanager
+    def leased(self, refs: list[str]) -> Iterator[list[ModelHandle]]:
+        """``get_many(refs)`` for the duration of a ``with`` block; every lease is released after it."""
+        handles = self.get_many(refs)
+        try:
+            yield handles
+        finally:
+            for handle in handles:
+                handle.release()
 
     def clear(self) -> None:
         """Unload every model nobody holds."""

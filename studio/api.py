@@ -15,9 +15,8 @@ import gradio as gr
 from chat import ModelPool
 from chat import generate as stream_answer
 from merging.sources import check_local_access
-from studio.common import CHAT, HEAVY, user_errors
-from studio.merge_tab import merge_into_session
-from studio.redundancy_tab import measure_session
+from studio import session
+from studio.common import CHAT, HEAVY, session_hash, user_errors
 from studio.settings import Settings
 
 
@@ -30,7 +29,7 @@ def register(settings: Settings, pool: ModelPool) -> None:
         Returns the summary: {"name", "output" (the folder, usable as a model in generate),
         "method", "seconds", "tensors", "bytes", "shards", "dtype", "device"}.
         """
-        return merge_into_session(settings, recipe, getattr(request, "session_hash", None))
+        return session.merge_recipe(settings, recipe, session_hash(request))
 
     # Annotated with the type of each streamed update: Gradio documents the endpoint from it
     # (an Iterator[str] annotation would show as "Any" in the API page and view_api()).
@@ -43,7 +42,7 @@ def register(settings: Settings, pool: ModelPool) -> None:
         same seed gives the same text.
         """
         # The pool serves every session's merges; this user may read only the offered models and their own.
-        check_local_access(model, settings.policy(getattr(request, "session_hash", None)))
+        check_local_access(model, session.policy(settings, session_hash(request)))
         text = ""
         for chunk in stream_answer(model, prompt, temperature, top_p, max_new_tokens, seed, pool=pool):
             text += chunk
@@ -58,7 +57,7 @@ def register(settings: Settings, pool: ModelPool) -> None:
         "conflicts" (sign-conflict rates before and after TIES trimming to ``density``) and
         "cosine" (label -> label). Per-tensor figures and the histogram are left out.
         """
-        stats = measure_session(settings, base, list(sources or []), density, getattr(request, "session_hash", None))
+        stats = session.measure(settings, base, list(sources or []), density, session_hash(request))
         summary = stats.to_dict()
         for detail in ("tensors", "histogram"):
             summary.pop(detail)

@@ -1,19 +1,25 @@
-"""What every tab shares: user-facing errors, model pickers' choices, session folders, number formats."""
+"""What every tab shares: handlers Gradio can call, user-facing errors, Stop wiring, uploads, escaping.
+
+A tab module is its layout, then module-level handlers, then one wiring block. Handlers take
+what the whole app shares (the settings, the chat pool) as leading parameters, bound at wiring
+time with ``handler``; what belongs to one visitor arrives as ``gr.State`` inputs.
+"""
 
 from __future__ import annotations
 
-import html
 import functools
+import html
 import inspect
 import logging
 import uuid
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
-from merging.units import format_bytes, format_count  # noqa: F401  (re-exported for the tabs)
 from merging.errors import MergeStudioError
-from studio.settings import Settings, StopSignal
+from merging.units import format_bytes
+from studio.session import StopSignal
 
 log = logging.getLogger("merge_studio")
 
@@ -60,6 +66,28 @@ def user_errors(fn):
     return function
 
 
+def handler(fn, *bound):
+    """``fn`` with its first parameters set to ``bound`` (the settings, the pool), as an event
+    handler: errors become ``user_errors``' messages, and Gradio sees the signature and type hints
+    of the remaining parameters, so it still injects ``gr.Request``, ``gr.Progress`` and
+    ``gr.OAuthToken`` (``functools.partial`` would hide them, and streaming generators too)."""
+    if not bound:
+        return user_errors(fn)
+    signature = inspect.signature(fn)
+    names = list(signature.parameters)[: len(bound)]
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            yield from fn(*bound, *args, **kwargs)
+    else:
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return fn(*bound, *args, **kwargs)
+    call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(bound):])
+    call.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k not in names}
+    return user_errors(call)
+
+
 def stoppable(trigger, signal: gr.State, fn, inputs: list, outputs: list, **kwargs):
     """Wire ``trigger`` (a button's ``.click``, a textbox's ``.submit``) to run ``fn`` with a Stop.
 
@@ -75,38 +103,18 @@ def stop_button(button: gr.Button, signal: gr.State) -> None:
     button.click(StopSignal.stop, [signal], None, **INSTANT)
 
 
-def session_dir(settings: Settings, request: gr.Request | None) -> Path:
-    """This user's folder under the work dir, created on first use."""
-    folder = settings.session_dir(getattr(request, "session_hash", None))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def session_hash(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
 
 
-def download_dir() -> Path:
-    """A fresh folder inside Gradio's own file cache: files written here are served as they are,
-    without Gradio hashing and copying them (merged models can be gigabytes)."""
-    from gradio.utils import get_upload_folder
-
-    folder = Path(get_upload_folder()) / "merge-studio" / uuid.uuid4().hex
+def served_dir(name: str, *, fresh: bool = True) -> Path:
+    """A folder inside Gradio's own file cache (a new one per call when ``fresh``): files written
+    here are served as they are, without Gradio hashing and copying them (merges can be gigabytes)."""
+    folder = Path(get_upload_folder()) / "merge-studio" / name
+    if fresh:
+        folder = folder / uuid.uuid4().hex
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def model_choices(settings: Settings, results: list[dict] | None = None) -> list[tuple[str, str]]:
-    """(label, reference) of every model a picker offers: the family, then this session's merges."""
-    family = settings.family()
-    base = settings.base_name()
-    choices = [(f"{name} (base)" if name == base else name, ref) for name, ref in family.items()]
-    choices += [(f"merged: {r['name']}", r["output"]) for r in results or []]
-    return choices
-
-
-def label_of(settings: Settings, ref: str, results: list[dict] | None = None) -> str:
-    return next((label for label, value in model_choices(settings, results) if value == ref), ref)
 
 
 def read_upload(path: str | None, what: str, limit: int = 20_000_000) -> str:

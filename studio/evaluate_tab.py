@@ -2,84 +2,54 @@
 
 from __future__ import annotations
 
-import uuid
+from dataclasses import dataclass
 
 import gradio as gr
 import pandas as pd
-import plotly.graph_objects as go
 
+from evaluation import evaluate, load_suite, registered_suites
 from merging.errors import Cancelled, MergeStudioError
-from evaluation import evaluate, load_suite
 from merging.sources import resolve_model
-from studio.common import (HEAVY, INSTANT, UI, label_of, model_choices, read_upload, session_dir, session_hash,
-                           stop_button as stop_on, stoppable, user_errors)
-from studio.settings import Settings, StopSignal
-from viz.figures import NEUTRAL, PALETTE, TEMPLATE, model_colors
+from studio import session
+from studio.common import HEAVY, INSTANT, UI, handler, read_upload, session_hash, stop_button, stoppable
+from studio.session import StopSignal
+from studio.settings import Settings
+from viz.scores import score_chart, score_colors, score_rows
 
-SUITES = {"demo tasks (held-out questions of the demo experts)": "zoo", "uploaded JSONL": "upload",
-          "none (perplexity only)": None}
-
-
-def _text_file(settings: Settings, request, upload: str | None, pasted: str) -> str | None:
-    """The perplexity text as a file path: the upload, or the pasted text saved in the session."""
-    if upload:
-        read_upload(upload, "perplexity text")
-        return upload
-    if pasted and pasted.strip():
-        path = session_dir(settings, request) / "uploads" / f"perplexity-{uuid.uuid4().hex[:8]}.txt"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(pasted, encoding="utf-8")
-        return str(path)
-    return None
+UPLOADED, NONE = "uploaded JSONL", "none (perplexity only)"
 
 
-def colors_of(labels: list[str], sources: list[str], base: str | None = None) -> dict[str, str]:
-    """A colour per model label: the sources keep the Redundancy tab's (``viz.figures.model_colors``
-    of ``sources``), the base is neutral grey, and any other model (a merge) takes the next colours."""
-    colors = model_colors(sources)
-    others = [label for label in labels if label not in colors and label != base]
-    colors.update({label: PALETTE[(len(sources) + i) % len(PALETTE)] for i, label in enumerate(others)})
-    if base is not None:
-        colors[base] = NEUTRAL
-    return colors
+def suite_choices() -> dict[str, str | None]:
+    """Radio label -> suite: the registered suites, an uploaded file, or none."""
+    named = {f"{s.description} ({name})": name for name, s in registered_suites().items()}
+    return {**named, UPLOADED: "upload", NONE: None}
 
 
-def table_and_chart(reports: list[tuple[str, dict]], colors: dict[str, str] | None = None) -> tuple[pd.DataFrame, go.Figure]:
-    """(label, EvalReport.summary()) pairs -> a table (accuracy in %) and a grouped bar chart, tasks in
-    the suite's order; ``colors``: label -> bar colour (default: the palette in order)."""
-    colors = colors or model_colors([label for label, _ in reports])
-    tasks = list(dict.fromkeys(t for _, r in reports for t in r["tasks"]))
-    rows = []
-    for label, report in reports:
-        row = {"model": label, **{t: round(100 * report["tasks"][t], 1) for t in tasks if t in report["tasks"]}}
-        if tasks:
-            row["mean accuracy"] = round(100 * sum(report["tasks"].values()) / len(report["tasks"]), 1)
-        if report["perplexity"] is not None:
-            row["perplexity"] = round(report["perplexity"], 3)
-        rows.append(row)
-    figure = go.Figure()
-    if tasks:
-        for label, report in reports:
-            figure.add_bar(name=label, x=tasks, y=[100 * report["tasks"].get(t, 0) for t in tasks],
-                           marker_color=colors.get(label), hovertemplate="%{x}: %{y:.1f}%<extra>" + label + "</extra>")
-        figure.update_layout(barmode="group", yaxis={"title": "accuracy (%, exact match)", "range": [0, 100]},
-                             title="Task accuracy")
-    else:
-        figure.add_bar(x=[label for label, _ in reports], y=[r["perplexity"] for _, r in reports],
-                       marker_color=[colors.get(label) for label, _ in reports])
-        figure.update_layout(yaxis={"title": "perplexity (lower is better)"}, title="Perplexity")
-    figure.update_layout(template=TEMPLATE)
-    return pd.DataFrame(rows), figure
+@dataclass
+class EvaluateTab:
+    models: gr.CheckboxGroup
+    suite: gr.Radio
+    suite_file: gr.File
+    text_file: gr.File
+    pasted: gr.Textbox
+    stop: gr.State
+    run: gr.Button
+    stop_button: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    chart: gr.Plot
 
 
-def build(settings: Settings, results: gr.State, picked) -> None:
-    """``picked``: the Models tab's base and sources, whose colours the chart shares with the Redundancy tab."""
-    family = settings.family()
-    gr.Markdown("Exact-match accuracy on task prompts (each through the model's chat template, greedy) "
-                "and perplexity on a text, for any of the models. Compare the merges with their sources.")
-    models = gr.CheckboxGroup(model_choices(settings), value=list(family.values()), label="Models")
+# -- layout ---------------------------------------------------------------------------------------
+
+def layout(settings: Settings) -> EvaluateTab:
+    gr.Markdown("Exact-match accuracy on task prompts (each through the model's chat template, or as plain "
+                "text for a model without one; greedy) and perplexity on a text, for any of the models. "
+                "Compare the merges with their sources.")
+    models = gr.CheckboxGroup(session.model_choices(settings), value=list(settings.family().values()), label="Models")
     with gr.Row():
-        suite = gr.Radio(list(SUITES), value=next(iter(SUITES)), label="Task suite")
+        suites = list(suite_choices())
+        suite = gr.Radio(suites, value=suites[0], label="Task suite")
         suite_file = gr.File(file_types=[".jsonl"], label='Your suite: JSONL lines {"prompt", "answer"[, "task"]}')
     with gr.Row():
         text_file = gr.File(file_types=[".txt"], label="Perplexity text (optional, UTF-8)")
@@ -87,55 +57,85 @@ def build(settings: Settings, results: gr.State, picked) -> None:
     stop = gr.State(StopSignal())
     with gr.Row():
         run = gr.Button("Evaluate", variant="primary", scale=4)
-        stop_button = gr.Button("Stop", variant="stop", scale=1)
+        stop_btn = gr.Button("Stop", variant="stop", scale=1)
     status = gr.Markdown()
     table = gr.Dataframe(label="Results (accuracy in %)", interactive=False, visible=False)  # shown with results
     chart = gr.Plot(label="Accuracy", visible=False)
-    def shown(reports: list[tuple[str, dict]], base: str | None, sources: list[str]) -> tuple:
-        """The table and chart of ``reports``, made visible, each source in its Redundancy-tab colour."""
-        labels = [label for label, _ in reports]
-        colors = colors_of(labels, [label_of(settings, ref) for ref in sources or []], label_of(settings, base) if base else None)
-        frame, figure = table_and_chart(reports, colors)
-        return gr.Dataframe(frame, visible=True), gr.Plot(figure, visible=True)
+    return EvaluateTab(models, suite, suite_file, text_file, pasted, stop, run, stop_btn, status, table, chart)
 
-    @user_errors
-    def run_eval(refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None, text: str,
-                 done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
-                 progress=gr.Progress()):
-        cancel = signal.event
-        if not refs:
-            raise MergeStudioError("tick at least one model to evaluate")
-        choice = SUITES[suite_name]
-        if choice == "upload" and not suite_upload:
-            raise MergeStudioError("upload a JSONL task suite, or choose the demo tasks")
-        tasks = suite_upload if choice == "upload" else choice
-        text_path = _text_file(settings, request, text_upload, text)
-        if tasks is None and text_path is None:
-            raise MergeStudioError("nothing to measure: choose a task suite or give a text for perplexity")
-        if tasks is not None:
-            load_suite(tasks)  # a bad suite fails before any model loads
-        policy = settings.policy(session_hash(request))
-        reports = []
-        for i, ref in enumerate(refs):
-            label = label_of(settings, ref, done)
-            progress((0, 1), desc=f"loading {label} ({i + 1}/{len(refs)})")
 
-            def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
-                progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
+# -- handlers -------------------------------------------------------------------------------------
 
-            folder = resolve_model(ref, policy).folder
-            try:
-                report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=cancel)
-            except Cancelled:
-                if not reports:
-                    return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
-                return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.", *shown(reports, base, sources))
-            reports.append((label, report.summary()))
-        return (f"{len(reports)} models measured.", *shown(reports, base, sources))
+def _text_file(settings: Settings, hash_: str | None, upload: str | None, pasted: str) -> str | None:
+    """The perplexity text as a file path: the upload, or the pasted text saved in the session."""
+    if upload:
+        read_upload(upload, "perplexity text")
+        return upload
+    if pasted and pasted.strip():
+        return str(session.save_upload(settings, hash_, pasted, "perplexity.txt"))
+    return None
 
-    stoppable(run.click, stop, run_eval, [models, suite, suite_file, text_file, pasted, results, picked.base,
-                                          picked.sources, stop],
-              [status, table, chart], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
-    stop_on(stop_button, stop)
-    results.change(lambda done, value: gr.CheckboxGroup(choices=model_choices(settings, done), value=value),
-                   [results, models], [models], **INSTANT)
+
+def shown(settings: Settings, reports: list[tuple[str, dict]], base: str | None, sources: list[str]) -> tuple:
+    """The table and chart of ``reports``, made visible, each source in its Redundancy-tab colour."""
+    labels = [label for label, _ in reports]
+    colors = score_colors(labels, [session.label_of(settings, ref) for ref in sources or []],
+                          session.label_of(settings, base) if base else None)
+    return gr.Dataframe(pd.DataFrame(score_rows(reports)), visible=True), gr.Plot(score_chart(reports, colors), visible=True)
+
+
+def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None,
+             text: str, done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
+             progress=gr.Progress()):
+    if not refs:
+        raise MergeStudioError("tick at least one model to evaluate")
+    choice = suite_choices().get(suite_name)
+    if choice == "upload" and not suite_upload:
+        raise MergeStudioError("upload a JSONL task suite, or choose a named suite")
+    tasks = suite_upload if choice == "upload" else choice
+    text_path = _text_file(settings, session_hash(request), text_upload, text)
+    if tasks is None and text_path is None:
+        raise MergeStudioError("nothing to measure: choose a task suite or give a text for perplexity")
+    if tasks is not None:
+        load_suite(tasks)  # a bad suite fails before any model loads
+    policy = session.policy(settings, session_hash(request))
+    reports = []
+    for i, ref in enumerate(refs):
+        label = session.label_of(settings, ref, done)
+        progress((0, 1), desc=f"loading {label} ({i + 1}/{len(refs)})")
+
+        def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
+            progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
+
+        folder = resolve_model(ref, policy).folder
+        try:
+            report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=signal.event)
+        except Cancelled:
+            if not reports:
+                return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
+            return (f"Evaluation stopped: {len(reports)} of {len(refs)} models measured.",
+                    *shown(settings, reports, base, sources))
+        reports.append((label, report.summary()))
+    return (f"{len(reports)} models measured.", *shown(settings, reports, base, sources))
+
+
+def offer_results(settings: Settings, done: list, value: list[str]):
+    return gr.CheckboxGroup(choices=session.model_choices(settings, done), value=value)
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def wire(tab: EvaluateTab, settings: Settings, results: gr.State, models) -> None:
+    """``models``: the Models tab, whose base and sources give the chart its colours."""
+    inputs = [tab.models, tab.suite, tab.suite_file, tab.text_file, tab.pasted, results, models.base, models.sources,
+              tab.stop]
+    stoppable(tab.run.click, tab.stop, handler(run_eval, settings), inputs, [tab.status, tab.table, tab.chart],
+              concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
+    stop_button(tab.stop_button, tab.stop)
+    results.change(handler(offer_results, settings), [results, tab.models], [tab.models], **INSTANT)
+
+
+def build(settings: Settings, results: gr.State, models) -> EvaluateTab:
+    tab = layout(settings)
+    wire(tab, settings, results, models)
+    return tab

@@ -1,39 +1,40 @@
 """Export tab: download a merged folder as a zip, or push it to the Hugging Face Hub with its model card.
 
 The token is the visitor's OAuth token on a Space (``gr.LoginButton``), else (locally) the one
-huggingface_hub finds (``HF_TOKEN`` or ``huggingface-cli login``). It is passed straight to
-``HfApi`` and never logged, stored or shown; Hub errors are redacted before they are shown.
+huggingface_hub finds (``HF_TOKEN`` or ``huggingface-cli login``). It goes straight to
+``merging.export.push_to_hub`` and is never logged, stored or shown.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-from gradio.utils import get_upload_folder
+from huggingface_hub import get_token
 
 from merging.errors import MergeStudioError
 from merging.export import push_to_hub, zip_folder
-from studio.common import INSTANT, UI, user_errors
+from studio.common import INSTANT, UI, handler, served_dir
 from studio.settings import Settings
 
-def _result_choices(done: list) -> list[tuple[str, str]]:
-    return [(r["name"], r["output"]) for r in done]
+EXPORT = dict(concurrency_id="export", concurrency_limit=2, **UI)
 
 
-def _result_folder(output: str | None, done: list) -> Path:
-    """The chosen merge, which must be one of this session's (never a path from the browser)."""
-    if not output:
-        raise MergeStudioError("merge something first (Merge tab), then choose it here")
-    if output not in {r["output"] for r in done}:
-        raise MergeStudioError("that merge is not one of this session's; choose one from the list")
-    folder = Path(output)
-    if not folder.is_dir():
-        raise MergeStudioError(f"the merged folder {folder.name} no longer exists; merge again")
-    return folder
+@dataclass
+class ExportTab:
+    chosen: gr.Dropdown
+    zip_button: gr.Button
+    archive: gr.File
+    repo: gr.Textbox
+    private: gr.Checkbox
+    push_button: gr.Button
+    pushed: gr.Markdown
 
 
-def build(settings: Settings, results: gr.State) -> None:
+# -- layout ---------------------------------------------------------------------------------------
+
+def layout(settings: Settings) -> ExportTab:
     gr.Markdown("Download a merged model, or publish it on the Hugging Face Hub with its model card "
                 "(`README.md`, tagged `merge`) and recipe (`merge_recipe.yaml`).")
     chosen = gr.Dropdown([], label="Merged model (this session)")
@@ -52,26 +53,54 @@ def build(settings: Settings, results: gr.State) -> None:
         private = gr.Checkbox(True, label="Private", scale=1)
     push_button = gr.Button("Push to the Hub", variant="primary", interactive=settings.oauth or not settings.hosted)
     pushed = gr.Markdown()
+    return ExportTab(chosen, zip_button, archive, repo, private, push_button, pushed)
 
-    @user_errors
-    def make_zip(output: str, done: list):
-        # zips go to Gradio's own file cache, where they are served without another copy
-        return str(zip_folder(_result_folder(output, done), Path(get_upload_folder()) / "merge-studio" / "zips"))
 
-    if settings.oauth:
-        @user_errors
-        def push(output: str, name: str, is_private: bool, done: list, oauth_token: gr.OAuthToken | None):
-            url = push_to_hub(_result_folder(output, done), name, is_private, oauth_token.token if oauth_token else None)
-            return f"✓ Pushed to [{url}]({url})"
-    else:
-        @user_errors
-        def push(output: str, name: str, is_private: bool, done: list):
-            from huggingface_hub import get_token
+# -- handlers -------------------------------------------------------------------------------------
 
-            url = push_to_hub(_result_folder(output, done), name, is_private, None if settings.hosted else get_token())
-            return f"✓ Pushed to [{url}]({url})"
+def result_folder(output: str | None, done: list) -> Path:
+    """The chosen merge, which must be one of this session's (never a path from the browser)."""
+    if not output:
+        raise MergeStudioError("merge something first (Merge tab), then choose it here")
+    if output not in {r["output"] for r in done}:
+        raise MergeStudioError("that merge is not one of this session's; choose one from the list")
+    folder = Path(output)
+    if not folder.is_dir():
+        raise MergeStudioError(f"the merged folder {folder.name} no longer exists; merge again")
+    return folder
 
-    zip_button.click(make_zip, [chosen, results], [archive], concurrency_id="export", concurrency_limit=2, **UI)
-    push_button.click(push, [chosen, repo, private, results], [pushed], concurrency_id="export", concurrency_limit=2, **UI)
-    results.change(lambda done: gr.Dropdown(choices=_result_choices(done), value=done[-1]["output"] if done else None),
-                   [results], [chosen], **INSTANT)
+
+def make_zip(output: str, done: list) -> str:
+    # zips go to Gradio's own file cache, where they are served without another copy
+    return str(zip_folder(result_folder(output, done), served_dir("zips", fresh=False)))
+
+
+def push_with_login(output: str, name: str, is_private: bool, done: list, oauth_token: gr.OAuthToken | None):
+    """On a Space: the visitor's own OAuth token, never the server's."""
+    url = push_to_hub(result_folder(output, done), name, is_private, oauth_token.token if oauth_token else None)
+    return f"✓ Pushed to [{url}]({url})"
+
+
+def push_with_local_token(settings: Settings, output: str, name: str, is_private: bool, done: list):
+    """Not on a Space: this machine's token, unless hosted (then none: a visitor must not use the server's)."""
+    url = push_to_hub(result_folder(output, done), name, is_private, None if settings.hosted else get_token())
+    return f"✓ Pushed to [{url}]({url})"
+
+
+def offer_results(done: list):
+    return gr.Dropdown(choices=[(r["name"], r["output"]) for r in done], value=done[-1]["output"] if done else None)
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def wire(tab: ExportTab, settings: Settings, results: gr.State) -> None:
+    push = handler(push_with_login) if settings.oauth else handler(push_with_local_token, settings)
+    tab.zip_button.click(handler(make_zip), [tab.chosen, results], [tab.archive], **EXPORT)
+    tab.push_button.click(push, [tab.chosen, tab.repo, tab.private, results], [tab.pushed], **EXPORT)
+    results.change(offer_results, [results], [tab.chosen], **INSTANT)
+
+
+def build(settings: Settings, results: gr.State) -> ExportTab:
+    tab = layout(settings)
+    wire(tab, settings, results)
+    return tab

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from studio.common import UI, as_text, format_bytes, format_count, label_of, model_choices, session_hash, user_errors
 from merging.model_info import compatibility, describe
+from merging.units import format_bytes, format_count
+from studio import session
+from studio.common import UI, as_text, handler, session_hash
 from studio.settings import Settings
 
 COLUMNS = ["role", "model", "architecture", "parameters", "dtype", "size on disk",
@@ -18,26 +20,54 @@ COLUMNS = ["role", "model", "architecture", "parameters", "dtype", "size on disk
 class ModelsTab:
     base: gr.Dropdown
     sources: gr.Dropdown
-    table: gr.Dataframe
+    inspect_button: gr.Button
     verdict: gr.Markdown
-    inspect: object  # the event handler, also run when the page loads
+    table: gr.Dataframe
 
+
+# -- layout ---------------------------------------------------------------------------------------
+
+def layout(settings: Settings) -> ModelsTab:
+    family = settings.family()
+    base_ref = family[settings.base_name()]
+    choices = session.model_choices(settings)
+    where = "a Hub id such as org/name" + ("" if settings.hosted else ", or a local model folder")
+    gr.Markdown(
+        "Pick the **base** model and the **fine-tuned** models to merge into it. The demo family is "
+        f"preselected; type {where} to add others. Models are inspected from their headers and "
+        "config (no weights are loaded)."
+    )
+    with gr.Row():
+        base = gr.Dropdown(choices, value=base_ref, label="Base model", allow_custom_value=True, scale=1,
+                           info="task vectors are measured from it")
+        sources = gr.Dropdown(choices, value=[ref for ref in family.values() if ref != base_ref], multiselect=True,
+                              allow_custom_value=True, label="Fine-tuned source models", scale=2,
+                              info=f"fine-tunes of the base: {where}")
+    inspect_button = gr.Button("Inspect models", variant="secondary")
+    verdict = gr.Markdown()
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, label="Models", elem_id="models-table",
+                         column_widths=["6%", "11%", "13%", "9%", "7%", "8%", "16%", "30%"])
+    return ModelsTab(base, sources, inspect_button, verdict, table)
+
+
+# -- handlers -------------------------------------------------------------------------------------
 
 def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str | None) -> tuple[list[list], str]:
     """The table rows and a one-line verdict for ``base`` and ``sources``."""
     if not base:
         raise gr.Error("choose a base model first")
-    policy = settings.policy(hash_)
+    policy = session.policy(settings, hash_)
     base_info = describe(base, policy)
     rows, problems = [], []
     for role, ref in [("base", base)] + [("source", s) for s in sources or []]:
         info = base_info if role == "base" else describe(ref, policy)
         ok, verdict = (not info.error, info.error or "base model") if role == "base" else compatibility(base_info, info)
+        label = session.label_of(settings, ref)
         if not ok:
-            problems.append(f"**{as_text(label_of(settings, ref))}**: {as_text(verdict)}")
+            problems.append(f"**{as_text(label)}**: {as_text(verdict)}")
         memory = info.memory
         rows.append([
-            role, label_of(settings, ref), info.architecture or "?", format_count(info.parameters),
+            role, label, info.architecture or "?", format_count(info.parameters),
             ", ".join(info.dtypes) or "?", format_bytes(info.disk_bytes),
             (f"{format_bytes(memory['float32'])} / {format_bytes(memory['bfloat16'])} ({format_bytes(memory['largest layer'])})"
              if memory else "?"),
@@ -52,32 +82,22 @@ def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str |
     return rows, verdict
 
 
-def build(settings: Settings) -> ModelsTab:
-    family = settings.family()
-    base_ref = family[settings.base_name()]
-    choices = model_choices(settings)
-    where = "a Hub id such as org/name" + ("" if settings.hosted else ", or a local model folder")
-    gr.Markdown(
-        "Pick the **base** model and the **fine-tuned** models to merge into it. The demo family is "
-        f"preselected; type {where} to add others. Models are inspected from their headers and "
-        "config (no weights are loaded)."
-    )
-    with gr.Row():
-        base = gr.Dropdown(choices, value=base_ref, label="Base model", allow_custom_value=True, scale=1,
-                           info="task vectors are measured from it")
-        sources = gr.Dropdown(choices, value=[ref for name, ref in family.items() if ref != base_ref], multiselect=True,
-                              allow_custom_value=True, label="Fine-tuned source models", scale=2,
-                              info=f"fine-tunes of the base: {where}")
-    inspect_button = gr.Button("Inspect models", variant="secondary")
-    verdict = gr.Markdown()
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, wrap=True, label="Models", elem_id="models-table",
-                         column_widths=["6%", "11%", "13%", "9%", "7%", "8%", "16%", "30%"])
+def inspect(settings: Settings, base: str, sources: list[str], request: gr.Request):
+    return inspect_rows(settings, base, sources, session_hash(request))
 
-    @user_errors
-    def inspect(base_value: str, source_values: list[str], request: gr.Request):
-        return inspect_rows(settings, base_value, source_values, session_hash(request))
 
-    for trigger in (inspect_button.click, base.change, sources.change):
-        trigger(inspect, [base, sources], [table, verdict], concurrency_id="inspect", concurrency_limit=4,
-                show_progress="minimal", **UI)
-    return ModelsTab(base, sources, table, verdict, inspect)
+# -- wiring ---------------------------------------------------------------------------------------
+
+INSPECT = dict(concurrency_id="inspect", concurrency_limit=4, show_progress="minimal", **UI)
+
+
+def wire(tab: ModelsTab, settings: Settings, demo: gr.Blocks) -> None:
+    run = handler(inspect, settings)
+    for trigger in (tab.inspect_button.click, tab.base.change, tab.sources.change, demo.load):
+        trigger(run, [tab.base, tab.sources], [tab.table, tab.verdict], **INSPECT)
+
+
+def build(settings: Settings, demo: gr.Blocks) -> ModelsTab:
+    tab = layout(settings)
+    wire(tab, settings, demo)
+    return tab

@@ -1,8 +1,5 @@
-"""Studio settings (from the environment) and the small per-session helpers every tab shares.
-
-Settings are read once, by ``Settings.from_env``; nothing here holds per-user state. A user's
-files live in a session folder named after a digest of Gradio's session hash, so two users
-never share one and nobody can name another's.
+"""Studio settings, read once from the environment by ``Settings.from_env``; nothing here holds
+per-user state (that is ``studio.session``).
 
 Environment variables (all optional):
 
@@ -30,13 +27,9 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
-import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from collections.abc import Mapping
@@ -44,7 +37,6 @@ from collections.abc import Mapping
 import demo
 from merging.errors import MergeStudioError
 from merging.runtime import cache_root
-from merging.sources import SourcePolicy
 from merging.units import parse_size
 
 DEFAULT_HOSTED_MAX_MODEL = "4GB"
@@ -105,26 +97,6 @@ class Settings:
         family = self.family()
         return self.base if self.base in family else ("base" if "base" in family else next(iter(family)))
 
-    def sessions_dir(self) -> Path:
-        return self.work_dir / "sessions"
-
-    def session_dir(self, session_hash: str | None) -> Path:
-        """This user's folder: named by a digest of the session hash (never the hash itself)."""
-        key = hashlib.sha256((session_hash or "anonymous").encode()).hexdigest()[:20]
-        return self.sessions_dir() / key
-
-    def local_roots(self, session_hash: str | None = None) -> tuple[Path, ...]:
-        """Local folders a reference may point into when hosted: the offered models (and a
-        session's own folder; all session folders when ``session_hash`` is None)."""
-        roots = [Path(ref).expanduser().resolve() for ref in self.family().values() if Path(ref).expanduser().exists()]
-        roots.append(self.session_dir(session_hash) if session_hash is not None else self.sessions_dir())
-        return tuple(roots)
-
-    def policy(self, session_hash: str | None = None) -> SourcePolicy:
-        """What a session's references may resolve to: hosted, its allowed folders and the Hub size limit."""
-        return SourcePolicy(hosted=self.hosted, allowed_roots=self.local_roots(session_hash) if self.hosted else (),
-                            max_model_bytes=self.max_model_bytes)
-
 
 def _default_work_dir() -> Path:
     return cache_root() / "studio"
@@ -177,60 +149,4 @@ def _hours(env: Mapping[str, str], name: str, default: float) -> float:
     return hours
 
 
-def prune_sessions(settings: Settings, keep: Path | None = None) -> None:
-    """Hosted only: delete session folders untouched for ``session_hours`` (never ``keep``).
-
-    Untouched means nothing in the folder changed: a folder's own time changes only when an
-    entry directly in it does, so a session writing merges inside ``merges/`` looks idle by
-    that measure alone.
-    """
-    root = settings.sessions_dir()
-    if not settings.hosted or not root.is_dir():
-        return
-    cutoff = time.time() - settings.session_hours * 3600
-    for folder in root.iterdir():
-        try:
-            if folder != keep and not _changed_since(folder, cutoff):
-                shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
-            continue
-
-
-def _changed_since(folder: Path, cutoff: float) -> bool:
-    """Whether ``folder`` or anything in it was modified after ``cutoff`` (stops at the first)."""
-    if folder.stat().st_mtime >= cutoff:
-        return True
-    for parent, dirs, files in os.walk(folder):
-        for name in (*dirs, *files):
-            try:
-                if os.stat(os.path.join(parent, name), follow_symlinks=False).st_mtime >= cutoff:
-                    return True
-            except OSError:
-                continue
-    return False
-
-
-class StopSignal:
-    """A per-session Stop button's flag, kept in ``gr.State``.
-
-    Gradio deep-copies a State's initial value for each session; a copy is a fresh signal, so
-    every session gets its own ``threading.Event``. The running event and the Stop click see
-    the same object (State values are passed by reference). The flag is cleared when the user
-    starts a run (``studio.common.stoppable``), not when the job leaves the queue, so a Stop
-    pressed while the job waits behind other users' work still cancels it.
-    """
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __deepcopy__(self, memo) -> StopSignal:
-        return StopSignal()
-
-    def reset(self) -> None:
-        self.event.clear()
-
-    def stop(self) -> None:
-        self.event.set()
-
-
-__all__ = ["Settings", "StopSignal", "parse_models", "prune_sessions"]
+__all__ = ["Settings", "parse_models"]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from chat import ModelPool
-from studio import api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab
-from studio.common import UI
+from studio import api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab, session
 from studio.settings import Settings
 
 CSS = """
@@ -19,7 +18,8 @@ TABS = ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export")
 
 def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
     """The studio for ``settings``; ``pool`` (default: a new one from the settings) serves every chat."""
-    pool = pool or ModelPool(None, settings.device, settings.policy(None), wait_s=30.0)
+    # the shared pool serves every session's merges; each visitor's own policy is checked before it
+    pool = pool or ModelPool(None, settings.device, session.policy(settings, None), wait_s=30.0)
     delete_cache = (3600, int(settings.session_hours * 3600)) if settings.hosted else None
     with gr.Blocks(title="Merge Studio", delete_cache=delete_cache) as demo:
         gr.Markdown("# Merge Studio\nMerge fine-tuned language models at the parameter level, see why merging "
@@ -28,7 +28,7 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
                        "merges are kept for this session.*" if settings.hosted else ""))
         with gr.Tabs():
             with gr.Tab("Models"):
-                models = models_tab.build(settings)
+                models = models_tab.build(settings, demo)
             with gr.Tab("Merge"):
                 merged = merge_tab.build(settings, demo, models)
             with gr.Tab("Redundancy"):
@@ -40,8 +40,6 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
             with gr.Tab("Export"):
                 export_tab.build(settings, merged.results)
         api.register(settings, pool)
-        demo.load(models.inspect, [models.base, models.sources], [models.table, models.verdict],
-                  concurrency_id="inspect", concurrency_limit=4, show_progress="minimal", **UI)
     demo.queue(default_concurrency_limit=8, max_size=settings.queue_size)
     return demo
 

@@ -211,8 +211,10 @@ def test_stop_cancels_a_merge_still_waiting_behind_another_users_job(page, tiny_
         assert (Path(done["output"]) / "model.safetensors").is_file()
         theirs = Path(done["output"]).parents[1]
         # Our merge ran when its turn came (our session folder exists) and stopped before writing anything.
-        mine = [folder for folder in settings.sessions_dir().iterdir() if folder != theirs]
-        assert len(mine) == 1, list(settings.sessions_dir().iterdir())
+        from studio.session import sessions_root
+
+        mine = [folder for folder in sessions_root(settings).iterdir() if folder != theirs]
+        assert len(mine) == 1, list(sessions_root(settings).iterdir())
         assert not list((mine[0] / "merges").iterdir()), list((mine[0] / "merges").iterdir())
         assert [p.name for p in (theirs / "merges").iterdir()] == [Path(done["output"]).name]
         shot(ours, tmp_path, "merge-stopped-in-queue")

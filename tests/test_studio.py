@@ -18,8 +18,9 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from helpers import family
 import demo as zoo
+from helpers import family
+from studio import session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def test_merge_recipe_returns_a_summary_whose_output_loads(studio, tiny):
     summary = client.predict(ties_recipe(tiny), api_name="/merge_recipe")
     assert summary["method"] == "ties" and summary["tensors"] > 0 and summary["seconds"] >= 0
     out = Path(summary["output"])
-    assert settings.sessions_dir() in out.parents and out.parent.name == "merges"  # the session's folder, not ours
+    assert session.sessions_root(settings) in out.parents and out.parent.name == "merges"  # the session's folder, not ours
     assert (out / "merge_recipe.yaml").is_file() and (out / "README.md").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
@@ -194,11 +195,11 @@ def test_settings_from_the_environment(tmp_path):
 
 def test_hosted_policy_allows_only_offered_models_and_the_own_session(tiny_settings):
     settings = replace(tiny_settings, hosted=True)
-    policy = settings.policy("session-1")
+    policy = session.policy(settings, "session-1")
     assert policy.hosted
-    assert settings.session_dir("session-1") in policy.allowed_roots
-    assert settings.session_dir("session-2") not in policy.allowed_roots
-    assert "session-1" not in str(settings.session_dir("session-1"))  # a digest, not the hash itself
+    assert session.folder(settings, "session-1") in policy.allowed_roots
+    assert session.folder(settings, "session-2") not in policy.allowed_roots
+    assert "session-1" not in str(session.folder(settings, "session-1"))  # a digest, not the hash itself
 
 
 def test_recipe_form_follows_the_method_spec(tiny):
@@ -283,9 +284,15 @@ def test_login_button_only_where_oauth_works(tiny_settings):
     assert not Settings.from_env({"SPACE_ID": "me/studio"}).oauth
 
 
-def test_evaluation_table_and_chart():
-    from studio.evaluate_tab import table_and_chart
+def table_and_chart(reports, colors=None):
+    import pandas as pd
 
+    from viz.scores import score_chart, score_rows
+
+    return pd.DataFrame(score_rows(reports)), score_chart(reports, colors)
+
+
+def test_evaluation_table_and_chart():
     table, figure = table_and_chart([("base", {"tasks": {"geo": 0.25, "people": 0.5}, "perplexity": 12.5}),
                                      ("merged", {"tasks": {"geo": 0.75, "people": 1.0}, "perplexity": None})])
     assert list(table["model"]) == ["base", "merged"]
@@ -358,13 +365,11 @@ def test_merge_summary_names_the_dtype_written(tiny, tmp_path):
 
 
 def test_merge_output_folders_are_reserved_until_the_merge_ends(tmp_path, monkeypatch):
-    from studio import merge_tab
-
-    monkeypatch.setattr(merge_tab.time, "strftime", lambda _format: "20250101-120000")  # the same second
-    with merge_tab.new_output(tmp_path, "ties") as first, merge_tab.new_output(tmp_path, "ties") as second:
+    monkeypatch.setattr(session.time, "strftime", lambda _format: "20250101-120000")  # the same second
+    with session.reserve_output(tmp_path, "ties") as first, session.reserve_output(tmp_path, "ties") as second:
         assert first != second and {first.name, second.name} == {"ties-20250101-120000", "ties-20250101-120000-2"}
         assert not first.exists()  # only a name: the engine creates the folder
-    with merge_tab.new_output(tmp_path, "ties") as again:
+    with session.reserve_output(tmp_path, "ties") as again:
         assert again == first  # released (nothing was written there)
 
 
@@ -387,8 +392,8 @@ def test_export_zip_is_reused_and_replaced_when_the_folder_changes(tiny, tmp_pat
 
 
 def test_evaluation_keeps_the_suite_order_and_the_redundancy_colours():
-    from studio.evaluate_tab import colors_of, table_and_chart
     from viz.figures import NEUTRAL, model_colors
+    from viz.scores import score_colors as colors_of
 
     reports = [("base", {"tasks": {"people": 0.5, "creatures": 0.25}, "perplexity": None}),
                ("creatures", {"tasks": {"people": 0.0, "creatures": 1.0}, "perplexity": None}),

@@ -46,10 +46,10 @@ def test_pruning_keeps_a_session_that_wrote_recently_inside_its_folder(tiny_sett
     import os
     import time
 
-    from studio.settings import prune_sessions
+    from studio import session
 
     settings = replace(tiny_settings, hosted=True, work_dir=tmp_path, session_hours=1.0)
-    old, active, mine = (settings.session_dir(name) for name in ("old", "active", "mine"))
+    old, active, mine = (session.folder(settings, name) for name in ("old", "active", "mine"))
     for folder in (old, active, mine):
         (folder / "merges").mkdir(parents=True)
         (folder / "merges" / "model.safetensors").write_bytes(b"x")
@@ -57,7 +57,7 @@ def test_pruning_keeps_a_session_that_wrote_recently_inside_its_folder(tiny_sett
     for path in (old, old / "merges", old / "merges" / "model.safetensors", active, active / "merges", mine):
         os.utime(path, (two_hours_ago, two_hours_ago))
     # "active" wrote its merge a moment ago, inside merges/: its own folder's time is old.
-    prune_sessions(settings, keep=mine)
+    session.prune(settings, keep=mine)
     assert not old.exists()
     assert (active / "merges" / "model.safetensors").exists()
     assert mine.exists()

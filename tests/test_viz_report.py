@@ -191,7 +191,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 def test_findings_are_one_text_that_escapes_model_labels():
     """The tab and the report say the same findings (viz.report.findings), with user-chosen model
     labels escaped: shown as written, never run as markup."""
-    from studio.redundancy_tab import _findings as tab_findings
+    from studio.redundancy_tab import findings_markdown as tab_findings
     from viz.report import findings, render_html
 
     fam = viz_family()
