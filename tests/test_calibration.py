@@ -154,6 +154,7 @@ def _grams(folder, texts):
 def test_grams_are_shared_by_projections_of_one_input_and_skip_padding(llama_family):
     folder = llama_family.finetuned[0]
     grams, weights, tokens = _grams(folder, TEXTS[1])  # different lengths: batched with padding
+    assert all(gram.dtype == torch.float64 for gram in grams.values())  # issue #12: float32 sums lose small eigenvalues
     layer = "model.layers.0"
     qkv = {weights[f"{layer}.self_attn.{p}_proj.weight"]["gram"] for p in "qkv"}
     gate_up = {weights[f"{layer}.mlp.{p}_proj.weight"]["gram"] for p in ("gate", "up")}
@@ -190,6 +191,59 @@ def test_regmean_fits_every_models_inputs_better_than_averaging(family_name, req
     assert checked >= 4
     if family_name == "gpt2_family":
         assert any("c_attn" in m for m, _, t in _linear_layers(model) if t)  # Conv1D really was exercised
+
+
+# Periodic two-token texts, one pair of tokens per model, 121 tokens each (GPT-2 positions stop at
+# 128): the attention output of a 256-wide GPT-2 is then nearly rank-deficient, its summed Gram's
+# eigenvalues running from ~1e-8 to ~8 like the small GPT-2 of issue #12; the first attention input
+# (4 token embeddings + 121 positions) and the MLP outputs (1024 inputs, 484 tokens) are exactly
+# rank-deficient.
+ILL_CONDITIONED_TEXTS = [[" ".join(["a b"] * 60), " ".join(["b a"] * 60)],
+                         [" ".join(["c d"] * 60), " ".join(["d c"] * 60)]]
+
+
+def test_regmean_on_nearly_rank_deficient_inputs_stays_in_range_and_never_fits_worse_than_averaging(tmp_path):
+    """Issue #12: Grams accumulated in float32 and solved exactly gave weights far outside the
+    sources' range. With float64 Grams and the eigenvalue floor, on every linear layer the merged
+    weights stay within the sources' range and RegMean's objective Σᵢ ‖Xᵢ(W − Wᵢ)ᵀ‖²/Nᵢ (the
+    Grams are means) on its own calibration inputs is no worse than averaging's. (Measured with
+    the old code on this family: weights up to 11× the sources' largest |W| in the first
+    attention input, 4.6× in the attention output; float64 Grams with the exact solve still gave
+    97-670× on the exactly rank-deficient layers: the floor is what bounds them.)"""
+    from merging.methods.regmean import _largest_eigenvalue
+    from tests.support.families import build_family
+
+    family = build_family(tmp_path / "family", "gpt2", 2, hidden_size=256, num_layers=2, vocab_size=512, seed=33)
+    models = family.finetuned
+    merge(load_recipe(recipe_text("regmean", models, ILL_CONDITIONED_TEXTS, params={"reduce_non_diagonal": 1.0})),
+          tmp_path / "out", device="cpu")
+    out = tensors(tmp_path / "out")
+    sources = [tensors(m) for m in models]
+    inputs = [linear_inputs(m, texts) for m, texts in zip(models, ILL_CONDITIONED_TEXTS)]
+
+    attention_output = "transformer.h.0.attn.c_proj"
+    summed = sum(inp[attention_output].T @ inp[attention_output] / inp[attention_output].shape[0] for inp in inputs)
+    eigenvalues = torch.linalg.eigvalsh(summed)
+    assert eigenvalues[0] / eigenvalues[-1] < 1e-6, "the layer is not ill-conditioned: the test checks nothing"
+    assert _largest_eigenvalue(summed) == pytest.approx(float(eigenvalues[-1]), rel=1e-3)
+
+    model, _ = load_model(models[0], device="cpu")
+    checked = []
+    for module, _, transposed in _linear_layers(model):
+        name = f"{module}.weight"
+        if name not in out:  # tied lm_head
+            continue
+        weights_i = [s[name] for s in sources]
+        x_i = [inp[module] / inp[module].shape[0] ** 0.5 for inp in inputs]  # RegMean's Grams are means
+        largest = max(float(w.abs().max()) for w in weights_i)
+        merged = float(out[name].abs().max())
+        assert merged <= 1.5 * largest, f"{name}: max |W| {merged:.3g}, the sources' {largest:.3g}"
+        average = sum(w.double() for w in weights_i) / len(weights_i)
+        merged_loss = regression_loss(out[name], weights_i, x_i, transposed)
+        average_loss = regression_loss(average, weights_i, x_i, transposed)
+        assert merged_loss <= average_loss * (1 + 1e-6), f"{name}: objective {merged_loss / average_loss:.3g}× averaging's"
+        checked.append(module)
+    assert attention_output in checked and len(checked) == 8
 
 
 def test_statistics_are_cached_and_keyed_by_the_text(llama_family):

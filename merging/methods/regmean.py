@@ -17,6 +17,15 @@ REDUCE_NON_DIAGONAL = Param(
     low=0.0, high=1.0,
 )
 # Eigenvalue floor of the summed Gram, relative to its largest eigenvalue (see ``solve_toward_average``).
+# Measured on tiny GPT-2s (the families and texts of tests/test_calibration.py): eigen-directions
+# below ~1e-7·λ_max carry no information about the inputs, since the float32 forward pass alone
+# (batched with padding vs one example at a time) moves a Gram by up to 5e-8·λ_max, and float32
+# accumulation by up to 1.4e-7. With no floor, even float64 Grams that are rank-deficient (fewer
+# distinct inputs than dimensions) gave weights 30-2500× the sources'. At 1e-6 every layer stayed
+# within 1.08× the sources' largest |W|; at 1e-8 an input layer fed only 4 distinct tokens reached
+# 1.9×, at 1e-12 3.1×. The price on the calibration objective, from 1e-8 to 1e-6: a well covered
+# attention output 0.12× → 0.13× averaging's, the nearly rank-deficient one of the issue #12 test
+# 0.0016× → 0.0073×, that 4-token layer 0.006× → 0.16× (all still far below averaging).
 RELATIVE_FLOOR = 1e-6
 
 
@@ -38,8 +47,10 @@ RELATIVE_FLOOR = 1e-6
 def regmean(base, tensors, per_model, params, seed, stats):
     """For a linear weight (y = W x): W* minimizes Σᵢ wᵢ‖Xᵢ(W − Wᵢ)ᵀ‖², i.e.
     W*ᵀ = (Σ wᵢG̃ᵢ)⁻¹ Σ wᵢG̃ᵢWᵢᵀ with G̃ = α·G + (1 − α)·diag(G), solved in float64 by
-    ``solve_toward_average``. ``stats``: per model, ``(Gram, stored transposed)`` or None (not a
-    linear weight: weighted average)."""
+    ``solve_toward_average`` with an eigenvalue floor ε = ``RELATIVE_FLOOR``·λ_max(Σ wᵢG̃ᵢ) that
+    pulls directions the calibration inputs barely reach toward the weighted average W̄:
+    W*ᵀ = (Σ wᵢG̃ᵢ + εI)⁻¹ (Σ wᵢG̃ᵢWᵢᵀ + εW̄ᵀ). ``stats``: per model, ``(Gram, stored
+    transposed)`` or None (not a linear weight: weighted average)."""
     weights = [p["weight"] for p in per_model]
     if not stats or tensors[0].dim() != 2 or any(entry is None for entry in stats) or sum(weights) <= 0:
         return weighted_mean(tensors, weights)
@@ -65,12 +76,13 @@ def regmean(base, tensors, per_model, params, seed, stats):
 def solve_toward_average(lhs: torch.Tensor, rhs: torch.Tensor, average: torch.Tensor) -> torch.Tensor:
     """(lhs + εI)⁻¹ (rhs + ε·average), ε = ``RELATIVE_FLOOR`` · λ_max(lhs), in float64.
 
-    This is the minimizer of RegMean's objective plus ε‖W − W̄‖² (W̄ the weighted average): in
-    input directions the calibration text barely reaches (eigenvalues of Σ G̃ far below the
-    largest, as in a small model's attention output: 1e-8 against 6), the merge keeps the
-    average instead of amplifying rounding, and since W̄ itself has no penalty, the result is
-    never worse than averaging on RegMean's own objective. Where the inputs are well covered
-    it is the exact RegMean solution to within ε.
+    With lhs = Σ wᵢG̃ᵢ and rhs = Σ wᵢG̃ᵢWᵢᵀ this is the minimizer of RegMean's objective plus
+    ε‖W − W̄‖² (W̄ the weighted average): in input directions the calibration text barely
+    reaches (eigenvalues of Σ G̃ far below the largest, as in a small model's attention output:
+    1e-8 against 6), the merge keeps the average instead of amplifying rounding, and since W̄
+    itself has no penalty, the result is never worse than averaging on the objective it solves
+    (RegMean's own for α = 1). Where the inputs are well covered (eigenvalues ≫ ε) it is the
+    exact RegMean solution.
     """
     largest = _largest_eigenvalue(lhs)
     if not largest > 0:  # no calibration input reached this layer
