@@ -246,6 +246,26 @@ def test_regmean_on_nearly_rank_deficient_inputs_stays_in_range_and_never_fits_w
     assert attention_output in checked and len(checked) == 8
 
 
+@pytest.mark.parametrize("gap", [1.5, 2.0, 3.0, 100.0, 1e6])
+def test_the_floors_power_iteration_finds_the_largest_eigenvalue_even_from_a_start_orthogonal_to_it(gap):
+    """The floor only needs λ_max's order of magnitude, but never a gross underestimate: from a
+    start exactly orthogonal to the top eigenvector, rounding brings it back (or, when λ₁/λ₂ is
+    small, λ₂ is close enough). The rest of the spectrum runs from 1 down to 1e-8, like an
+    attention output's. (The default start is checked on a real Gram in the issue #12 test.)"""
+    from merging.methods.regmean import _largest_eigenvalue
+
+    n = 256
+    generator = torch.Generator().manual_seed(1)
+    start = torch.randn(n, 1, dtype=torch.float64, generator=generator)
+    basis, _ = torch.linalg.qr(torch.cat([start, torch.randn(n, n - 1, dtype=torch.float64, generator=generator)], 1))
+    top, rest = basis[:, 1:2], torch.cat([basis[:, :1], basis[:, 2:]], 1)  # top ⟂ start
+    gram = gap * top @ top.T + rest @ torch.diag(torch.logspace(0, -8, n - 1, dtype=torch.float64)) @ rest.T
+    assert abs(float(start.T @ top)) < 1e-12 * float(start.norm())
+    exact = float(torch.linalg.eigvalsh(gram)[-1])
+    estimate = _largest_eigenvalue(gram, start=start)
+    assert exact / 2.5 < estimate <= exact * (1 + 1e-9)
+
+
 def test_statistics_are_cached_and_keyed_by_the_text(llama_family):
     folder = llama_family.finetuned[1]
     settings = CalibrationSettings(samples=8, max_length=32)

@@ -97,11 +97,21 @@ def solve_toward_average(lhs: torch.Tensor, rhs: torch.Tensor, average: torch.Te
     return torch.linalg.solve(system, target)
 
 
-def _largest_eigenvalue(symmetric: torch.Tensor, iterations: int = 50) -> float:
-    """λ_max of a symmetric positive semi-definite matrix by power iteration (a floor needs its
-    order of magnitude, not ``eigvalsh``'s cubic cost: 0.8 s for a 1536-wide Gram here)."""
-    generator = torch.Generator().manual_seed(0)
-    vector = torch.randn(symmetric.shape[0], 1, dtype=symmetric.dtype, generator=generator).to(symmetric.device)
+def _largest_eigenvalue(symmetric: torch.Tensor, iterations: int = 50, start: torch.Tensor | None = None) -> float:
+    """λ_max of a symmetric positive semi-definite matrix by power iteration from ``start``
+    (default: a fixed random vector); the Rayleigh quotient it returns is never above λ_max.
+
+    A floor needs its order of magnitude, not ``eigvalsh``'s cubic cost (0.8 s for a 1536-wide
+    Gram here, against ~50 ms). Measured: within 0.03% of ``eigvalsh`` on all 72 Grams (one
+    model's, two models' sum) of four tiny GPT-2 calibrations (widths 64-2048). From a start
+    orthogonal to the top eigenvector, rounding brings that direction back within 50 iterations
+    once λ₁/λ₂ ≥ 2.5 (it grows by λ₁/λ₂ per step from ~1e-16); below that it returns about λ₂,
+    so never much under λ₁/2 (worst measured: 0.50·λ₁ at λ₁/λ₂ = 2): the order of magnitude.
+    """
+    if start is None:
+        generator = torch.Generator().manual_seed(0)
+        start = torch.randn(symmetric.shape[0], 1, dtype=symmetric.dtype, generator=generator)
+    vector = start.reshape(-1, 1).to(symmetric.device, symmetric.dtype)
     value = 0.0
     for _ in range(iterations):
         product = symmetric @ vector
