@@ -20,7 +20,7 @@ from chat.generate import (
 )
 from chat.pool import ModelPool
 from helpers import copy_model
-import demo as zoo
+import demo
 from merging.errors import MergeStudioError
 
 HELLO = [{"role": "user", "content": "hello there, how are you"}]
@@ -177,11 +177,11 @@ def test_generate_streams_text_and_releases_its_lease(pool, qwen, qwen2_family):
         generate(ref, "hi", top_p=0, pool=pool)
 
 
-@pytest.mark.skipif(not zoo.is_ready(), reason=f"demo family not built in {zoo.cache_root()}: run `python -m merging zoo`")
+@pytest.mark.skipif(not demo.is_ready(), reason=f"demo family not built in {demo.cache_root()}: run `python -m merging zoo`")
 def test_the_demo_base_knows_the_capital_of_france():
     pool = ModelPool("1GB", "cpu")
-    with pool.get(str(zoo.base_path())) as handle:
+    with pool.get(str(demo.base_path())) as handle:
         chunks = list(stream(handle, [{"role": "user", "content": "What is the capital of France?"}],
                              SamplingParams(temperature=0, max_new_tokens=24)))
     assert "Paris" in "".join(chunks) and len(chunks) > 1
-    assert Path(handle.folder) == zoo.base_path().resolve()
+    assert Path(handle.folder) == demo.base_path().resolve()

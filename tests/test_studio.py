@@ -3,7 +3,7 @@
 One local and one hosted studio are started per session on free loopback ports
 (``prevent_thread_lock``); their model lists are tiny random Llama families
 (``helpers.family``), so no demo model is loaded except in the one test guarded by
-``zoo.is_ready()``.
+``demo.is_ready()``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-import demo as zoo
+import demo
 from helpers import family
 from studio import session
 
@@ -179,7 +179,7 @@ def test_settings_from_the_environment(tmp_path):
 
     local = Settings.from_env({"MERGE_STUDIO_WORK_DIR": str(tmp_path)})
     assert not local.hosted and local.uses_zoo and local.max_model_bytes is None
-    assert set(local.family()) == {"base", *zoo.EXPERTS}
+    assert set(local.family()) == {"base", *demo.EXPERTS}
     space = Settings.from_env({"SPACE_ID": "me/studio", "SYSTEM": "spaces",
                                "MERGE_STUDIO_MODELS": '{"b": "org/base", "f": "org/ft"}'})
     assert space.hosted and space.oauth and space.max_model_bytes == 4 * 10**9 and space.queue_size == 64
@@ -238,17 +238,17 @@ def test_models_tab_inspects_and_explains_incompatibility(tiny_settings, tiny):
     assert "Not everything can be merged" in verdict
 
 
-@pytest.mark.skipif(not zoo.is_ready(), reason="the demo family is not built (python -m merging zoo --list)")
+@pytest.mark.skipif(not demo.is_ready(), reason="the demo family is not built (python -m merging zoo --list)")
 def test_demo_base_answers_through_the_studio(tmp_path):
     """The real SmolLM2-135M-Instruct, through the studio's generate endpoint (greedy)."""
     from studio import Settings
 
-    demo, url = launch(Settings(work_dir=tmp_path, device="cpu"))
+    app, url = launch(Settings(work_dir=tmp_path, device="cpu"))
     try:
-        answer = Client(url, verbose=False).predict(str(zoo.base_path()), "What is the capital of France?",
+        answer = Client(url, verbose=False).predict(str(demo.base_path()), "What is the capital of France?",
                                                     0.0, 1.0, 12, 0, api_name="/generate")
     finally:
-        demo.close()
+        app.close()
     assert "Paris" in answer
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import copy_model, edit_tensors, family, load_model_tensors
-import demo as zoo
+import demo
 from merging.errors import MergeStudioError
 from merging.methods.kernels import TaskVector
 from viz.measures import (
@@ -247,14 +247,14 @@ def test_one_model_has_no_conflicts_and_bad_input_is_refused(models, tmp_path):
         delta_statistics(base, [other.finetuned[0]])
 
 
-@pytest.mark.skipif(not zoo.is_ready(), reason="the demo family is not built (python -m merging zoo)")
+@pytest.mark.skipif(not demo.is_ready(), reason="the demo family is not built (python -m merging zoo)")
 def test_demo_family_statistics():
     started = time.perf_counter()
-    stats = delta_statistics(zoo.base_path(), [zoo.expert_path(name) for name in zoo.EXPERTS], device="cpu", threads=1)
+    stats = delta_statistics(demo.base_path(), [demo.expert_path(name) for name in demo.EXPERTS], device="cpu", threads=1)
     seconds = time.perf_counter() - started
     assert seconds < 60, seconds
     assert stats.model.numel == 134_515_008
-    for label in zoo.EXPERTS:
+    for label in demo.EXPERTS:
         whole = stats.model.deltas[label]
         assert 0 < whole.relative_norm < 0.05  # a small step away from the base
         assert whole.energy_top["0.2"] > 0.5  # concentrated: the top 20% hold most of the energy

@@ -116,14 +116,15 @@ def _merges(n: int) -> list[tuple[str, str]]:
                 return merges
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 512) -> None:
+def build_tokenizer(folder: Path, vocab_size: int = 512, chat_template: bool = True) -> None:
     """Write a small deterministic byte-level BPE tokenizer with exactly ``vocab_size`` tokens.
 
     Ids 0-3 are the special tokens ``<unk>``, ``<s>``, ``</s>``, ``<pad>``; then come the
     byte-level symbols (all 256 if the vocabulary is large enough, else the most useful
     ones, with ``<unk>`` for the rest) and then generated merges of lowercase letters.
     The tokenizer prepends ``<s>`` to encoded text, decodes back to text, has
-    bos/eos/pad/unk set and a simple chat template. It is saved with
+    bos/eos/pad/unk set and (unless ``chat_template`` is False, as for a base model) a simple
+    chat template. It is saved with
     ``save_pretrained`` so ``AutoTokenizer.from_pretrained(folder)`` loads it. No
     training is involved, so it is fast and identical on every call.
     """
@@ -166,7 +167,8 @@ def build_tokenizer(folder: Path, vocab_size: int = 512) -> None:
         model_max_length=2048,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = _CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = _CHAT_TEMPLATE
     fast.save_pretrained(str(folder))
 
 
@@ -287,7 +289,8 @@ def _complete(path: Path) -> bool:
 def build_family(root: Path, arch: str = "llama", n_finetuned: int = 2, *, dtype=torch.float32,
                  hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512,
                  intermediate_size: int | None = None, tie_word_embeddings: bool = True,
-                 delta_scale: float = 0.01, seed: int = 0, shard_size: str | None = None) -> Family:
+                 delta_scale: float = 0.01, seed: int = 0, shard_size: str | None = None,
+                 chat_template: bool = True) -> Family:
     """Build (or reuse) a random base model and ``n_finetuned`` perturbed copies under ``root``.
 
     The base model of architecture ``arch`` (``"llama"``, ``"qwen2"``, ``"mistral"``,
@@ -326,6 +329,7 @@ def build_family(root: Path, arch: str = "llama", n_finetuned: int = 2, *, dtype
         "hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size,
         "intermediate_size": intermediate_size, "tie_word_embeddings": tie_word_embeddings,
         "delta_scale": delta_scale, "seed": seed, "shard_size": shard_size,
+        **({} if chat_template else {"chat_template": False}),  # older stamps stay valid
     }
     stamp_path = root / _STAMP_NAME
     if stamp_path.is_file():
@@ -351,7 +355,7 @@ def build_family(root: Path, arch: str = "llama", n_finetuned: int = 2, *, dtype
 
     with tempfile.TemporaryDirectory(dir=root, prefix=".tokenizer-") as tmp:
         tokenizer_dir = Path(tmp)
-        build_tokenizer(tokenizer_dir, vocab_size)  # once; copied into every checkpoint
+        build_tokenizer(tokenizer_dir, vocab_size, chat_template)  # once; copied into every checkpoint
         if dtype == torch.float32:
             _save(base, family.base, dtype, tokenizer_dir, shard_size)
         else:
