@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import demo  # noqa: E402
-from merging.engine import merge  # noqa: E402
 from evaluation import evaluate  # noqa: E402
+from merging.engine import merge  # noqa: E402
+from merging.methods import REGISTRY  # noqa: E402
 from merging.recipe import load_recipe  # noqa: E402
 
 # (label, method, per-model parameters, global parameters)
@@ -54,7 +55,7 @@ SWEEP_EXPERT = "geography"
 
 def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_params: dict, experts=demo.EXPERTS) -> str:
     lines = [f"merge_method: {method}"]
-    if method not in ("linear", "fisher", "regmean"):
+    if REGISTRY[method].spec.base == "origin":  # task vectors are measured from it (linear: no base, as before)
         lines.append(f"base_model: {family['base']}")
     lines.append("models:")
     for name in experts:

@@ -14,7 +14,8 @@
     from chat import generate  # the one-model API: model reference -> streamed text chunks
     print("".join(generate("out/merged", "Hello!", temperature=0, max_new_tokens=64)))
 
-No UI code here: the studio's Chat tab calls these. ``chat.ab`` runs blind A/B comparisons.
+No UI code here: the studio's Chat tab calls these. ``chat.ab`` runs blind A/B comparisons and
+``chat.arena`` decides which model answers which conversation in a side-by-side round.
 """
 
 from chat.ab import VOTE_CHOICES, ABSession, read_votes

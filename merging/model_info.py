@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from merging.checkpoint import CheckpointReader, safetensors_files
-from merging.runtime import meta_model
-from merging.plan import config_mismatch, layout_mismatch
 from merging.errors import MergeStudioError, SourceError
+from merging.plan import config_mismatch, layout_mismatch
+from merging.runtime import meta_model
 from merging.sources import HUB_ID, SourcePolicy, hub_weights_bytes, resolve_model, snapshot_download, split_revision
 
 Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)

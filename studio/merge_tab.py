@@ -18,8 +18,18 @@ from merging.methods import REGISTRY, Param
 from merging.units import format_bytes
 from studio import recipe_form as form
 from studio import session
-from studio.common import (HEAVY, INSTANT, UI, as_text, handler, read_upload, session_hash, stop_button, stoppable,
-                           user_errors)
+from studio.common import (
+    HEAVY,
+    INSTANT,
+    UI,
+    as_text,
+    handler,
+    read_upload,
+    session_hash,
+    stop_button,
+    stoppable,
+    user_errors,
+)
 from studio.session import StopSignal
 from studio.settings import Settings
 

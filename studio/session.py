@@ -30,7 +30,6 @@ from studio import recipe_form as form
 from studio.settings import Settings
 from viz.stats import RedundancyStats, delta_statistics, model_labels
 
-
 # -- where a session's files are, and what it may read ------------------------------------------
 
 def sessions_root(settings: Settings) -> Path:

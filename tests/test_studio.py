@@ -253,7 +253,6 @@ def test_demo_base_answers_through_the_studio(tmp_path):
 
 
 def test_export_zips_the_folder_and_push_needs_a_name_and_a_token(tiny, tmp_path):
-    import shutil
     import zipfile
 
     from merging import load_recipe, merge
@@ -375,7 +374,6 @@ def test_merge_output_folders_are_reserved_until_the_merge_ends(tmp_path, monkey
 
 def test_export_zip_is_reused_and_replaced_when_the_folder_changes(tiny, tmp_path):
     import os
-    import shutil
 
     from merging import load_recipe, merge
     from merging.export import zip_folder

@@ -9,7 +9,8 @@
     all_figures(stats, sweep)                                 # {name: plotly Figure}
     write_report("out/", stats, sweep)                        # out/report.html, stats.json, sweep.json
 
-No Gradio here: the studio's Redundancy tab calls these functions; ``python -m viz report``
+No Gradio here: the studio's Redundancy tab calls these functions (and the Evaluate tab
+``viz.scores``); ``python -m viz report``
 writes a self-contained HTML report. Checkpoints are read through ``merging``'s reader and
 merges go through ``merging``'s engine; nothing here changes a model.
 """

@@ -33,9 +33,9 @@ from typing import Callable
 import torch
 
 from merging.checkpoint import CheckpointReader, damaged_source
-from merging.runtime import pick_device
-from merging.errors import CheckpointError, MergeCancelled, MergeStudioError
+from merging.errors import CheckpointError, MergeCancelled, MergeStudioError, check_cancel
 from merging.methods.kernels import TaskVector, chunks, magnitude_keep
+from merging.runtime import pick_device
 from merging.sources import ResolvedModel, SourcePolicy, resolve_model
 from viz.measures import (
     QUANTILES,
@@ -335,8 +335,7 @@ def delta_statistics(
         results = []
         with torch.inference_mode(), _cpu_threads(threads if compute.type == "cpu" else None):
             for index, name in enumerate(names):
-                if cancel is not None and cancel.is_set():
-                    raise MergeCancelled("statistics cancelled")
+                check_cancel(cancel, "statistics cancelled", MergeCancelled)
                 results.append(_measure_tensor(name, base_reader, readers[1:], float(density), compute))
                 if progress is not None:
                     progress(index + 1, len(names), name)

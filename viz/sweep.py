@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from merging.engine import merge
-from merging.errors import Cancelled, MergeStudioError
 from evaluation import evaluate, load_suite
+from merging.engine import merge
+from merging.errors import MergeStudioError, check_cancel
 from merging.recipe import load_recipe
 from merging.sources import SourcePolicy, resolve_model
 
@@ -253,12 +253,8 @@ def dare_sweep(
         if progress is not None:
             progress(done, total, what)
 
-    def stopped() -> None:  # before each merge or evaluation; both also check within themselves
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("sweep stopped")
-
     def scored(folder: Path, method: str, rate: float, tasks_suite) -> SweepPoint:
-        stopped()
+        check_cancel(cancel, "sweep stopped")  # before each merge or evaluation; both also check within themselves
         started = time.perf_counter()
         report = evaluate(folder, suite=tasks_suite, text=text, device=device, cancel=cancel)
         return SweepPoint(method, rate, dict(report.tasks), report.perplexity, round(time.perf_counter() - started, 3))
@@ -278,7 +274,7 @@ def dare_sweep(
         for method in methods:
             for rate in rates[1:]:
                 out = Path(tmp) / "merged"
-                stopped()
+                check_cancel(cancel, "sweep stopped")
                 started = time.perf_counter()
                 merge(load_recipe(sweep_recipe(str(base), str(finetuned), method, rate, seed)), out,
                       device=device, overwrite=True, policy=policy, cancel=cancel)

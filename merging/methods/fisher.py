@@ -7,8 +7,7 @@ import torch
 
 from merging.calibration import FISHER
 from merging.methods.kernels import chunks, weighted_mean
-from merging.methods.spec import (CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DATA_WEIGHT, MethodSpec, Param,
-                                  register)
+from merging.methods.spec import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DATA_WEIGHT, MethodSpec, Param, register
 
 FISHER_FLOOR = Param(
     "fisher_floor", float, 1e-6, "global",

@@ -7,8 +7,7 @@ import torch
 
 from merging.calibration import GRAMS
 from merging.methods.kernels import weighted_mean
-from merging.methods.spec import (CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DATA_WEIGHT, MethodSpec, Param,
-                                  register)
+from merging.methods.spec import CALIBRATION_MAX_LENGTH, CALIBRATION_SAMPLES, DATA_WEIGHT, MethodSpec, Param, register
 
 REDUCE_NON_DIAGONAL = Param(
     "reduce_non_diagonal", float, 0.9, "global",
