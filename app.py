@@ -18,7 +18,9 @@ from studio import Settings, build, launch_options
 
 
 def build_app(settings: Settings | None = None):
-    """The studio's Blocks for ``settings`` (default: from the environment), not launched."""
+    """The studio's Blocks for ``settings`` (default: from the environment), not launched, with the
+    merge methods of ``$MERGE_STUDIO_PLUGINS`` loaded."""
+    load_plugins()
     return build(settings or Settings.from_env())
 
 
@@ -35,7 +37,6 @@ def prepare(settings: Settings) -> None:
 
 def main() -> int:
     try:
-        load_plugins()  # merge methods from $MERGE_STUDIO_PLUGINS
         settings = Settings.from_env()
         prepare(settings)
         app = build_app(settings)  # reads the chat budget setting too

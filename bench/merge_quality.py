@@ -93,9 +93,9 @@ def main() -> int:
 
     started = time.perf_counter()
     family = demo.ensure_family(lambda message: print(message, file=sys.stderr))
-    results: dict = {"base": evaluate(family["base"], device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
+    results: dict = {"base": evaluate(family["base"], "zoo", device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
     for name in demo.EXPERTS:
-        results["experts"][name] = evaluate(family[name], device="cpu").tasks
+        results["experts"][name] = evaluate(family[name], "zoo", device="cpu").tasks
         print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="merge-quality-") as tmp:
         workdir = Path(tmp)

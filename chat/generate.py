@@ -33,7 +33,8 @@ import torch
 
 from chat.pool import ModelHandle, ModelPool, default_pool
 from merging.errors import MergeStudioError
-from merging.prompts import Prompt, render
+from merging.prompts import encode as encode_prompt
+from merging.prompts import render
 
 MAX_MESSAGE_CHARS = 4000  # one chat input
 MAX_PROMPT_TOKENS = 4096  # the whole templated conversation
@@ -119,10 +120,7 @@ def check_messages(messages: Sequence[Message], max_chars: int = MAX_MESSAGE_CHA
     return checked
 
 
-def render_prompt(tokenizer, messages: Sequence[Message]) -> Prompt:
-    """The conversation as the model reads it: its chat template, or a plain transcript
-    (plain-completion mode) when it has none (``merging.prompts.render``)."""
-    return render(tokenizer, messages)
+render_prompt = render  # the conversation as the model reads it (``merging.prompts``), for this package's users
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -207,9 +205,9 @@ class _Stream:
         self.handle, self.params = handle, params
         self.stop_event = stop_event or threading.Event()
         self.model, tokenizer = handle.model, handle.tokenizer
-        prompt = render_prompt(tokenizer, check_messages(messages))
+        prompt = render(tokenizer, check_messages(messages))
         with handle.tokenizer_lock:
-            ids = tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens)["input_ids"]
+            ids = encode_prompt(tokenizer, prompt)
         context = _context_length(self.model)
         limit = min(max_prompt_tokens, context - 1) if context else max_prompt_tokens
         if len(ids) > limit:

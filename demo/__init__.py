@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from demo.base import build_base, needs_repair, repair_config
+from demo.base import build_base, needs_repair, read_config, repair_config
 from demo.experts import build_expert
 from demo.tasks import TASKS
 from demo.train import train_expert
@@ -56,7 +56,7 @@ def _digest(path: Path) -> str:
 
 def is_ready() -> bool:
     """True when the base and every expert are built and match the shipped adapters."""
-    if not (base_path() / "model.safetensors").is_file() or needs_repair(base_path()):
+    if not _base_built() or needs_repair(base_path()):
         return False
     for name in EXPERTS:
         stamp = expert_path(name) / STAMP
@@ -66,10 +66,16 @@ def is_ready() -> bool:
 
 
 def ensure_base(report: Report = print) -> Path:
-    if (base_path() / "model.safetensors").is_file():
-        repair_config(base_path())  # a base built by an earlier version kept a temporary path in its config
+    """The base's folder, built when missing or damaged; a base built by an earlier version (a
+    temporary path in its config) is repaired in place."""
+    if _base_built():
+        repair_config(base_path())
         return base_path()
     return build_base(base_path(), report)
+
+
+def _base_built() -> bool:
+    return (base_path() / "model.safetensors").is_file() and read_config(base_path()) is not None
 
 
 def ensure_expert(name: str, report: Report = print) -> Path:

@@ -66,16 +66,26 @@ def _write_config(folder: Path, config: dict) -> None:
     temp.replace(folder / "config.json")  # atomic: a reader sees the old or the new config
 
 
+def read_config(folder: Path) -> dict | None:
+    """The folder's config.json, or None when it is missing or not a JSON object (a damaged base
+    is rebuilt rather than repaired)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def needs_repair(folder: Path) -> bool:
-    config = json.loads((folder / "config.json").read_text())
-    return clean_config(config) != config
+    config = read_config(folder)
+    return config is not None and clean_config(config) != config
 
 
 def repair_config(folder: Path) -> None:
     """Rewrite a base's config.json written by an earlier version (``architectures: null``, a
     temporary ``_name_or_path``, dummy labels) as ``clean_config`` has it; nothing else changes."""
     if needs_repair(folder):
-        _write_config(folder, clean_config(json.loads((folder / "config.json").read_text())))
+        _write_config(folder, clean_config(read_config(folder)))
 
 
 def convert_gguf(gguf: Path, out_dir: Path, report: Report) -> None:

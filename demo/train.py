@@ -20,6 +20,8 @@ import torch
 from demo.lora import add_lora, save_adapter
 from demo.tasks import REPLAY_PROMPTS, TASKS, Task
 from evaluation.scoring import generate_answers
+from merging.prompts import encode as encode_prompt
+from merging.prompts import render
 from merging.runtime import load_model
 
 RANK, ALPHA = 8, 16
@@ -28,18 +30,13 @@ BATCH = 8
 
 def encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of the chat with the answer, and labels that score only the answer (and its end)."""
-    prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    full_ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=True
-    )
-    prompt_ids, full_ids = list(_ids(prompt_ids)), list(_ids(full_ids))
-    assert full_ids[: len(prompt_ids)] == prompt_ids, "chat template does not extend the prompt"
+    question = [{"role": "user", "content": prompt}]
+    prompt_ids = encode_prompt(tokenizer, render(tokenizer, question))
+    full_ids = encode_prompt(tokenizer, render(tokenizer, [*question, {"role": "assistant", "content": answer}],
+                                               add_generation_prompt=False))
+    assert full_ids[: len(prompt_ids)] == prompt_ids, "the conversation does not extend the prompt"
     labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return full_ids, labels
-
-
-def _ids(encoded):
-    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
 
 
 def batches(encoded: list[tuple[list[int], list[int]]], pad_id: int, steps: int, seed: int):

@@ -12,7 +12,7 @@ the quality benchmark and the studio.
 from evaluation.perplexity import perplexity
 from evaluation.run import EvalReport, evaluate
 from evaluation.scoring import generate_answers, normalize, task_accuracy
-from evaluation.suites import Example, load_suite, register_suite, registered_suites
+from evaluation.suites import Example, default_suite, load_suite, register_suite, registered_suites
 
-__all__ = ["EvalReport", "Example", "evaluate", "generate_answers", "load_suite", "normalize", "perplexity",
+__all__ = ["EvalReport", "Example", "default_suite", "evaluate", "generate_answers", "load_suite", "normalize", "perplexity",
            "register_suite", "registered_suites", "task_accuracy"]

@@ -23,16 +23,17 @@ class EvalReport:
                 "perplexity": None if self.perplexity is None else round(self.perplexity, 4)}
 
 
-def evaluate(folder: str | Path, suite: str | Path | None = "zoo", text: str | Path | None = None, device: str = "auto",
-             *, progress=None, cancel=None) -> EvalReport:
-    """Accuracy on each task of ``suite`` and, if ``text`` (a file) is given, perplexity on it.
+def evaluate(folder: str | Path, suite: str | Path | None = None, text: str | Path | None = None, device: str = "auto",
+             *, allow_pickle: bool = False, progress=None, cancel=None) -> EvalReport:
+    """Accuracy on each task of ``suite`` (a registered name or a JSONL file; None: no tasks) and,
+    if ``text`` (a file) is given, perplexity on it.
 
     ``progress(done, total)`` counts answered prompts; a set ``cancel`` event raises
     ``Cancelled`` at the next batch of prompts or window of text, or before the model loads.
     """
     suites = load_suite(suite) if suite is not None else {}  # a bad suite fails before the model loads
     check_cancel(cancel, STOPPED)
-    model, tokenizer = load_model(Path(folder), device=device, purpose="evaluation")
+    model, tokenizer = load_model(Path(folder), device=device, allow_pickle=allow_pickle, purpose="evaluation")
     report = EvalReport()
     total = sum(len(examples) for examples in suites.values())
     answered = 0

@@ -44,6 +44,12 @@ def registered_suites() -> dict[str, RegisteredSuite]:
     return dict(_SUITES)
 
 
+def default_suite() -> str | None:
+    """The suite a command line uses when none is named: the first registered one, if any (the
+    demo family's ``zoo`` once ``demo`` is imported, as the entry points do)."""
+    return next(iter(_SUITES), None)
+
+
 def load_suite(spec: str | Path) -> Suite:
     """A registered suite by name, else a JSONL file of ``{"prompt", "answer"}`` lines with an
     optional ``"task"`` field to group them (default: the file's name)."""

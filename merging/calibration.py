@@ -54,12 +54,18 @@ Message = dict  # {"role": ..., "content": ...}
 Example = Union[str, tuple[Message, ...]]  # plain text, or a chat rendered with the model's template
 ProgressFn = Callable[[int, int], None]
 CANCELLED = "merge cancelled during calibration; nothing was written"
+SAMPLES_PARAM, MAX_LENGTH_PARAM = "calibration_samples", "calibration_max_length"  # what a data-aware spec declares
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
     samples: int = 128
     max_length: int = 256
+
+    @classmethod
+    def from_parameters(cls, values: dict) -> CalibrationSettings:
+        """From a data-aware method's resolved parameters (``calibration_samples``, ``calibration_max_length``)."""
+        return cls(int(values.get(SAMPLES_PARAM, cls.samples)), int(values.get(MAX_LENGTH_PARAM, cls.max_length)))
 
 
 # -- calibration data -----------------------------------------------------------------------
@@ -475,8 +481,6 @@ class CalibrationStats:
         self.path = path
         self._file = safe_open(str(path), framework="pt")
         self.metadata: dict[str, str] = self._file.metadata() or {}
-        self.kind = self.metadata.get("kind")
-        self.tokens = int(self.metadata.get("tokens", 0))
         self._names = set(self._file.keys())
         self._parsed: dict[str, dict] = {}
         self._last: tuple[str, torch.Tensor] | None = None  # statistics shared by neighbouring tensors: read once

@@ -90,6 +90,7 @@ def cmd_merge(args) -> int:
     # Deferred: tqdm is only needed once a merge runs (and tqdm pulls in more than it looks).
     from tqdm import tqdm
 
+    load_plugins()  # a recipe may name a method from $MERGE_STUDIO_PLUGINS
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
         recipe.seed = args.seed
@@ -134,13 +135,14 @@ def methods_markdown() -> str:
         spec = method.spec
         params = ", ".join(
             f"`{p.name}`{'' if p.scope == 'global' else ' (per model)'} = {str(p.default).lower()}"
-            for p in spec.params if p.name != "int8_mask"
+            for p in spec.params if not p.hidden
         )
         rows.append(f"| [`{name}`]({spec.paper}) | {spec.summary} | {params} |")
     return "\n".join(rows)
 
 
 def cmd_methods(args) -> int:
+    load_plugins()
     if args.markdown:
         print(methods_markdown())
         return 0
@@ -169,12 +171,7 @@ COMMANDS = [MERGE, METHODS]
 
 def main(argv: list[str] | None = None, commands: list[Command] = COMMANDS, prog: str = "python -m merging",
          description: str = "Merge fine-tuned models of one architecture.") -> int:
-    """Parse ``argv`` and run its command (after loading ``$MERGE_STUDIO_PLUGINS``); returns the exit status."""
+    """Parse ``argv`` and run its command; returns the exit status."""
     args = build_parser(commands, prog, description).parse_args(argv)
     command = next(c for c in commands if c.name == args.command)
-
-    def run(arguments) -> int:
-        load_plugins()
-        return command.run(arguments)
-
-    return run_command(run, args, command.interrupted)
+    return run_command(command.run, args, command.interrupted)

@@ -139,10 +139,8 @@ def calibrate_inputs(recipe: Recipe, models: ModelSet, policy: SourcePolicy, dev
     spec = recipe.method
     if not spec.calibration:
         return None
-    settings = CalibrationSettings(
-        samples=int(recipe.parameters.get("calibration_samples", spec.param("calibration_samples").default)),
-        max_length=int(recipe.parameters.get("calibration_max_length", spec.param("calibration_max_length").default)),
-    )
+    settings = CalibrationSettings.from_parameters(
+        {p.name: recipe.parameters.get(p.name, p.default) for p in spec.global_params()})
     opened: list[CalibrationStats] = []
     try:
         for entry, model in zip(recipe.input_entries(), models.inputs):
@@ -184,9 +182,11 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
     with ThreadPoolExecutor(1, "merge-reader") as reads:
         pending = reads.submit(load, plans[0]) if plans else None
         for index, plan in enumerate(plans):
-            if cancel is not None and cancel.is_set():
-                pending.cancel()  # the read in flight is not waited for
+            try:
                 check_cancel(cancel, CANCELLED, MergeCancelled)
+            except MergeCancelled:
+                pending.cancel()  # the read in flight is not waited for
+                raise
             copied, base, loaded = pending.result()
             pending = reads.submit(load, plans[index + 1]) if index + 1 < len(plans) else None
             if plan.merged:

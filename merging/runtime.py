@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
 from merging.errors import MergeStudioError
 
 CACHE_ENV = "MERGE_STUDIO_CACHE"
@@ -60,6 +61,8 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load clutters the CLI's and the app's own progress
+    if not gguf_file and not allow_pickle and not safetensors_files(Path(folder)) and pickle_files(Path(folder)):
+        raise MergeStudioError(pickle_refusal(str(folder)))
     target = pick_device(device)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": False, "local_files_only": True}
     if gguf_file:

@@ -4,7 +4,7 @@
     demo = build(Settings.from_env())
     demo.launch(**launch_options(settings))
 
-Everything a tab does is a call into ``merging`` (recipes, merges, evaluation), ``viz``
+Everything a tab does is a call into ``merging`` (recipes, merges), ``evaluation``, ``viz``
 (redundancy statistics and figures) or ``chat`` (the shared model pool, streaming, A/B).
 """
 

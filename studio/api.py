@@ -35,7 +35,7 @@ def register(settings: Settings, pool: ModelPool) -> None:
     # (an Iterator[str] annotation would show as "Any" in the API page and view_api()).
     def generate(model: str, prompt: str, temperature: float = 0.7, top_p: float = 0.9,
                  max_new_tokens: int = 256, seed: int = 0, request: gr.Request = None) -> str:
-        """Stream a model's answer to one user message (through its chat template).
+        """Stream a model's answer to one user message (through its chat template, or as a plain transcript for a model without one).
 
         ``model``: a reference as in recipes (a Hub id; locally also a folder) or the ``output``
         of merge_recipe. Each update is the whole answer so far. Temperature 0 is greedy; the

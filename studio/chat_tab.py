@@ -57,7 +57,8 @@ def layout(settings: Settings) -> ChatTab:
     family = list(settings.family().values())
     choices = session.model_choices(settings)
     gr.Markdown("One message goes to every panel; the answers stream side by side. Each model uses its "
-                "own chat template; the same seed gives the same sampling in every panel, so runs compare.")
+                "own chat template (a model without one continues a plain transcript, and its panel says so); "
+                "the same seed gives the same sampling in every panel, so runs compare.")
     with gr.Row():
         count = gr.Radio([2, 3, 4], value=2, label="Panels", scale=1)
         blind = gr.Checkbox(False, label="Blind A/B", scale=1,

@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from evaluation import registered_suites
 from merging.errors import MergeStudioError
 from merging.units import format_bytes
 from studio.session import StopSignal
@@ -101,6 +102,23 @@ def stoppable(trigger, signal: gr.State, fn, inputs: list, outputs: list, **kwar
 def stop_button(button: gr.Button, signal: gr.State) -> None:
     """``button`` stops this session's run wired with ``stoppable`` at once, queued or running."""
     button.click(StopSignal.stop, [signal], None, **INSTANT)
+
+
+UPLOADED_SUITE, NO_SUITE = "uploaded JSONL", "none (perplexity only)"
+
+
+def suite_choices() -> dict[str, str | None]:
+    """Task-suite radio label -> suite: the registered suites by name, an uploaded file, or none."""
+    named = {f"{s.description} ({name})": name for name, s in registered_suites().items()}
+    return {**named, UPLOADED_SUITE: "upload", NO_SUITE: None}
+
+
+def chosen_suite(label: str) -> str | None:
+    """The suite a radio label stands for ("upload" for the uploaded file), or a readable error."""
+    choices = suite_choices()
+    if label not in choices:
+        raise MergeStudioError(f"unknown task suite {label!r}; choose one from the list")
+    return choices[label]
 
 
 def session_hash(request: gr.Request | None) -> str | None:

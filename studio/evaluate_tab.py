@@ -7,23 +7,15 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from evaluation import evaluate, load_suite, registered_suites
+from evaluation import evaluate, load_suite
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import resolve_model
 from studio import session
-from studio.common import HEAVY, INSTANT, UI, handler, read_upload, session_hash, stop_button, stoppable
+from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, session_hash, stop_button, stoppable,
+                           suite_choices)
 from studio.session import StopSignal
 from studio.settings import Settings
 from viz.scores import score_chart, score_colors, score_rows
-
-UPLOADED, NONE = "uploaded JSONL", "none (perplexity only)"
-
-
-def suite_choices() -> dict[str, str | None]:
-    """Radio label -> suite: the registered suites, an uploaded file, or none."""
-    named = {f"{s.description} ({name})": name for name, s in registered_suites().items()}
-    return {**named, UPLOADED: "upload", NONE: None}
-
 
 @dataclass
 class EvaluateTab:
@@ -89,7 +81,7 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
              progress=gr.Progress()):
     if not refs:
         raise MergeStudioError("tick at least one model to evaluate")
-    choice = suite_choices().get(suite_name)
+    choice = chosen_suite(suite_name)
     if choice == "upload" and not suite_upload:
         raise MergeStudioError("upload a JSONL task suite, or choose a named suite")
     tasks = suite_upload if choice == "upload" else choice

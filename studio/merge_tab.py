@@ -104,7 +104,7 @@ def method_controls(settings: Settings, tab: MergeTab, current: dict) -> None:
     """The controls of the recipe's method (global parameters, then one group per model), each
     wired to edit the recipe as it is made."""
     spec = form.spec_of(current)
-    shown = [p for p in spec.global_params() if p.name not in form.HIDDEN]
+    shown = [p for p in spec.global_params() if not p.hidden]
     if shown:
         with gr.Group():
             gr.Markdown("**Method parameters**", padding=True)

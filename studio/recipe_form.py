@@ -18,7 +18,6 @@ from merging.recipe import Recipe, load_recipe
 from merging.recipe import recipe_from_text as parse_recipe_text
 
 DEFAULT_METHOD = "task_arithmetic"
-HIDDEN = {"int8_mask"}  # accepted for mergekit compatibility but changes nothing: no control for it
 DTYPE_CHOICES = ("as base", "float32", "bfloat16", "float16")
 
 def spec_of(recipe: dict) -> MethodSpec:

@@ -9,8 +9,8 @@ import gradio as gr
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import SourcePolicy, resolve_model
 from studio import session
-from studio.common import HEAVY, INSTANT, UI, handler, read_upload, served_dir, session_hash, stop_button, stoppable
-from studio.evaluate_tab import NONE, UPLOADED, suite_choices
+from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, served_dir, session_hash,
+                           stop_button, stoppable, suite_choices)
 from studio.session import StopSignal
 from studio.settings import Settings
 from viz import figures as viz_figures
@@ -70,7 +70,7 @@ def layout(settings: Settings) -> RedundancyTab:
             base_ref = settings.family()[settings.base_name()]
             sources = [(name, ref) for name, ref in settings.family().items() if ref != base_ref]
             swept = gr.Dropdown(sources, value=sources[0][1] if sources else None, label="Source model to sweep", scale=2)
-            suites = [label for label in suite_choices() if label != NONE] + [NONE]
+            suites = list(suite_choices())
             suite = gr.Radio(suites, value=suites[0], label="Measured on", scale=1)
             suite_file = gr.File(file_types=[".jsonl"], label="JSONL suite", scale=1)
             text_file = gr.File(file_types=[".txt"], label="Perplexity text (optional)", scale=1)
@@ -106,8 +106,8 @@ def run_sweep(settings: Settings, base: str, source: str, suite_name: str, uploa
               stats: RedundancyStats | None, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
     if not base or not source:
         raise MergeStudioError("choose a base in the Models tab and a source model to sweep")
-    tasks = suite_choices().get(suite_name)
-    if suite_name == UPLOADED:
+    tasks = chosen_suite(suite_name)
+    if tasks == "upload":
         read_upload(upload, "JSONL suite")
         tasks = upload
     if text:

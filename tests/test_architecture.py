@@ -95,3 +95,16 @@ def test_imports_inside_functions_are_third_party_and_say_they_defer_start_up():
     for path, line, module, context in found:
         assert module.split(".")[0] not in PACKAGES, f"{path}:{line} imports {module} inside a function (a hidden cycle?)"
         assert "Deferred" in context, f"{path}:{line}: say why {module} is imported inside a function ('# Deferred: ...')"
+
+
+def test_names_the_demo_registers_exist_only_once_demo_is_imported():
+    """evaluation and merging know no demo: the suite 'zoo' and the calibration source 'geography'
+    are registered by importing demo, as python -m merging, python -m viz and app.py do."""
+    probe = ("import sys\n{}from evaluation import load_suite\nfrom merging.calibration import load_examples\n"
+             "try:\n    load_suite('zoo'); load_examples('geography', 2)\nexcept Exception as exc:\n"
+             "    sys.exit(str(exc))\n")
+    without = subprocess.run([sys.executable, "-c", probe.format("")], cwd=REPO, capture_output=True, text=True)
+    assert without.returncode != 0 and "zoo" in without.stderr and "none registered" in without.stderr
+    with_demo = subprocess.run([sys.executable, "-c", probe.format("import demo\n")], cwd=REPO, capture_output=True,
+                               text=True)
+    assert with_demo.returncode == 0, with_demo.stderr

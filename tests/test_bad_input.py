@@ -157,6 +157,12 @@ def test_pickle_only_checkpoint(tmp_path, llama):
     assert "pickle" in message and str(pickled) in message
     assert_no_output(refused)
 
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text('{"prompt": "Say hi.", "answer": "hi"}\n')
+    message = error_line(run_cli("eval", pickled, "--suite", suite))  # evaluation refuses it alike
+    assert "--allow-pickle" in message and str(pickled) in message
+    assert run_cli("eval", pickled, "--suite", suite, "--allow-pickle").returncode == 0
+
     allowed, reference = tmp_path / "allowed", tmp_path / "reference"
     assert run_cli("merge", recipe, allowed, "--allow-pickle", "--quiet").returncode == 0
     reference_recipe = write_recipe(tmp_path / "ref.yaml", linear_recipe(*llama.finetuned))

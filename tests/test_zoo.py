@@ -113,3 +113,4 @@ def test_a_base_built_by_an_earlier_version_is_repaired_in_place(family, tmp_pat
     repaired = json.loads((old / "config.json").read_text())
     assert repaired["architectures"] == ["LlamaForCausalLM"] and "_name_or_path" not in repaired
     assert repaired["vocab_size"] == config["vocab_size"]  # nothing else changed
+

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation import load_suite
+from evaluation import default_suite, load_suite
 from merging.cli import Command
 from merging.cli import main as run_main
 from merging.errors import MergeStudioError
@@ -35,7 +35,9 @@ def _arguments(report: argparse.ArgumentParser) -> None:
     report.add_argument("base", help="base model: a local folder or a Hub id org/name[@revision]")
     report.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned models of the same architecture")
     report.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty, unless --overwrite)")
-    report.add_argument("--suite", default="zoo", help="sweep task suite: 'zoo' (the demo tasks) or a JSONL file of {prompt, answer}")
+    report.add_argument("--suite", default=default_suite(),
+                        help="sweep task suite: a JSONL file of {prompt, answer}, or a registered suite "
+                             f"(default: {default_suite() or 'none'}; 'zoo' is the demo tasks)")
     report.add_argument("--text", type=Path, default=None, help="a UTF-8 text file: the sweep also measures perplexity on it")
     report.add_argument("--density", type=float, default=0.2, help="TIES trim density for the sign conflicts after trimming (default 0.2)")
     report.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
@@ -65,7 +67,8 @@ def cmd_report(args) -> int:
         torch.set_num_threads(args.threads)
     suite = args.suite if args.sweep else None
     if args.sweep:
-        load_suite(args.suite)  # a missing or bad suite fails now
+        if args.suite is not None:
+            load_suite(args.suite)  # a missing or bad suite fails now
         if args.text is not None and not args.text.is_file():
             raise MergeStudioError(f"text file {args.text} not found")
 

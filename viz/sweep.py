@@ -215,7 +215,7 @@ def dare_sweep(
     *,
     rates: tuple[float, ...] = DROP_RATES,
     methods: tuple[str, ...] = ("random", "magnitude"),
-    suite: str | Path | None = "zoo",
+    suite: str | Path | None = None,
     text: str | Path | None = None,
     device: str = "auto",
     seed: int = 0,
@@ -228,14 +228,14 @@ def dare_sweep(
     """Evaluate ``finetuned`` with its task vector randomly dropped (and rescaled) or magnitude
     trimmed at each drop rate in ``rates``, and the base for reference.
 
-    ``suite``: 'zoo' or a JSONL file of {prompt, answer[, task]}; ``text``: a file to measure
+    ``suite``: a registered suite name (the demo's 'zoo') or a JSONL file of {prompt, answer[, task]}; ``text``: a file to measure
     perplexity on; at least one is needed. Merges go to a temporary folder (under ``workdir``
     if given), one at a time, each deleted after its evaluation. Setting ``cancel`` stops the
     current merge or evaluation with ``merging.errors.Cancelled`` (a merge raises its subclass
     MergeCancelled); once the last point is done the sweep is returned. Raises MergeStudioError.
     """
     if suite is None and text is None:
-        raise MergeStudioError("the sweep needs a task suite (zoo or a JSONL file) or a text file for perplexity")
+        raise MergeStudioError("the sweep needs a task suite (a registered name or a JSONL file) or a text file for perplexity")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise MergeStudioError(f"unknown sweep method {unknown[0] if unknown else None!r}; use {', '.join(METHODS)}")

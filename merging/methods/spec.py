@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Mapping
 
 import torch
 
-from merging.calibration import CalibrationKind
+from merging.calibration import MAX_LENGTH_PARAM, SAMPLES_PARAM, CalibrationKind
 from merging.errors import RecipeError
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # merges compute in float32
@@ -44,6 +44,7 @@ class Param:
     low_inclusive: bool = True
     high_inclusive: bool = True
     choices: tuple[str, ...] | None = None
+    hidden: bool = False  # accepted (mergekit compatibility) but changes nothing: no control, not in the README table
 
     @property
     def required(self) -> bool:
@@ -112,18 +113,19 @@ DATA_WEIGHT = Param(
     low=0.0,
 )
 CALIBRATION_SAMPLES = Param(
-    "calibration_samples", int, 128, "global",
+    SAMPLES_PARAM, int, 128, "global",
     "Calibration examples used per model (the first ones of its calibration data).",
     low=1, high=100_000,
 )
 CALIBRATION_MAX_LENGTH = Param(
-    "calibration_max_length", int, 256, "global",
+    MAX_LENGTH_PARAM, int, 256, "global",
     "Tokens per calibration example (longer examples are truncated).",
     low=2, high=32_768,
 )
 INT8_MASK = Param(
     "int8_mask", bool, False, "global",
     "Accepted for mergekit compatibility; masks are always compact booleans here.",
+    hidden=True,
 )
 
 
@@ -167,6 +169,9 @@ class MethodSpec:
         unknown = [key for key in self.suggested if self.param(key) is None]
         if unknown:
             raise ValueError(f"method {self.name}: suggested value for unknown parameter {unknown[0]!r}")
+        if self.calibration and not (self.param(SAMPLES_PARAM) and self.param(MAX_LENGTH_PARAM)):
+            raise ValueError(f"method {self.name} runs models on calibration text: declare CALIBRATION_SAMPLES "
+                             "and CALIBRATION_MAX_LENGTH among its parameters")
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
