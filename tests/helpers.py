@@ -26,9 +26,10 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
+from tests.support.families import load_tensors as load_model_tensors  # noqa: F401  (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests import ``merging`` however pytest was started
@@ -90,14 +91,6 @@ def write_recipe(path: Path, recipe: dict | str) -> Path:
 
 def linear_recipe(*models: Path, **extra) -> dict:
     return {"merge_method": "linear", "models": [{"model": str(m)} for m in models], **extra}
-
-
-def load_model_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors folder."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(file))
-    return out
 
 
 def assert_no_output(out_dir: Path) -> None:

@@ -1,29 +1,15 @@
 """Parity with mergekit 0.1.5: the same YAML recipe gives the same tensors.
 
-mergekit runs as a real subprocess on the same float32 model folders as our engine. Its start-up
-(importing torch, transformers, pydantic ...) costs ~5 s, so every case is run by a single
-``mergekit-multi`` process (a multi-document YAML; each document goes through mergekit's own
-``run_merge``, exactly as ``mergekit-yaml`` does). One case is also run by ``mergekit-yaml``
+Every case runs through one ``mergekit-multi`` process (``tests/support/mergekit.py``, which also
+documents the tolerance and the magnitude-tie exception). One case is also run by ``mergekit-yaml``
 itself, in parallel, to show the two agree bit for bit, and our side of that case runs through
-our CLI as a fresh ``python -m merging`` process.
-
-Tolerance: per tensor, max |ours - theirs| / max |theirs| <= 1e-5.
-
-One documented exception: magnitude trimming (TIES, Breadcrumbs) at a tie. When several entries
-of a task vector have exactly the magnitude at the keep threshold, both keep exactly k entries,
-but mergekit's ``argsort`` picks an arbitrary subset of the tied ones and we pick the earliest.
-Differences are accepted only at entries whose |delta| value is duplicated within that model's
-task vector, and only a few per tensor; everything else must match to 1e-5. Such entries are
-reported in the test output (``-rP``); ``test_magnitude_trim_keeps_exactly_k_at_ties`` pins the
-count.
+our CLI as a fresh ``python -m merging`` process. ``test_magnitude_trim_keeps_exactly_k_at_ties``
+pins the tie count.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,32 +17,24 @@ import torch
 import yaml
 
 from helpers import load_model_tensors, run_cli, write_recipe
+from tests.support.mergekit import (
+    MERGEKIT_MULTI,
+    MERGEKIT_YAML,
+    TOLERANCE,
+    Case,
+    model_entry as _model,
+    compare,
+    finish,
+    run_mergekit_multi,
+    start_mergekit_yaml,
+)
 
-MERGEKIT_YAML = shutil.which("mergekit-yaml")
-MERGEKIT_MULTI = shutil.which("mergekit-multi")
 pytestmark = pytest.mark.skipif(
     not (MERGEKIT_YAML and MERGEKIT_MULTI),
     reason="mergekit is not installed (pip install -r requirements-dev.txt)",
 )
 
-TOLERANCE = 1e-5
-MERGEKIT_TIMEOUT = 300
 CLI_CASE = "linear_llama_nobase"  # also run by mergekit-yaml, and by our CLI in a fresh process
-
-
-@dataclass(frozen=True)
-class Case:
-    recipe: dict
-    base: Path | None  # origin of the task vectors, for explaining trim ties
-    finetuned: tuple[Path, ...] = ()
-    trims: bool = False  # magnitude-based sparsification (ties can differ, see module docstring)
-
-
-def _model(path: Path, **parameters) -> dict:
-    entry: dict = {"model": str(path)}
-    if parameters:
-        entry["parameters"] = parameters
-    return entry
 
 
 def build_cases(llama, qwen2, gpt2) -> dict[str, Case]:
@@ -160,24 +138,10 @@ def mergekit_outputs(cases, tmp_path_factory) -> dict[str, Path]:
     Key ``"mergekit-yaml"`` holds ``CLI_CASE`` as merged by a separate ``mergekit-yaml`` run.
     """
     root = tmp_path_factory.mktemp("mergekit")
-    # mergekit-multi treats any string equal to a document name as a reference to that merge
-    # (even merge_method: ties), so names get a prefix no method has.
-    docs = [{"name": f"case-{name}", **case.recipe} for name, case in cases.items()]
-    multi = root / "multi.yaml"
-    multi.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     single = write_recipe(root / f"{CLI_CASE}.yaml", cases[CLI_CASE].recipe)
-    commands = {
-        "mergekit-multi": [MERGEKIT_MULTI, str(multi), "--intermediate-dir", str(root / "multi"), "--no-lazy"],
-        "mergekit-yaml": [MERGEKIT_YAML, str(single), str(root / "yaml")],
-    }
-    running = {
-        name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
-        for name, cmd in commands.items()
-    }
-    for name, proc in running.items():
-        output, _ = proc.communicate(timeout=MERGEKIT_TIMEOUT)
-        assert proc.returncode == 0, f"{name} failed (exit {proc.returncode}):\n{output[-4000:]}"
-    outputs = {name: root / "multi" / f"case-{name}" for name in cases}
+    yaml_run = start_mergekit_yaml(single, root / "yaml")  # in parallel with the multi run
+    outputs = run_mergekit_multi({name: case.recipe for name, case in cases.items()}, root)
+    finish(yaml_run, "mergekit-yaml")
     outputs["mergekit-yaml"] = root / "yaml"
     return outputs
 
@@ -205,53 +169,6 @@ def ours(cases, tmp_path_factory):
         return done[name]
 
     return get
-
-
-# -- comparison -----------------------------------------------------------------------------
-
-def duplicated_magnitudes(delta: torch.Tensor) -> torch.Tensor:
-    """Entries whose |delta| value occurs more than once in the tensor (where top-k is ambiguous)."""
-    magnitude = delta.abs().reshape(-1)
-    _, inverse, counts = torch.unique(magnitude, return_inverse=True, return_counts=True)
-    return (counts[inverse] > 1).reshape(delta.shape)
-
-
-def compare(case: Case, ours: dict, theirs: dict) -> list[str]:
-    """Assert parity tensor by tensor; return notes on differences explained by trim ties."""
-    assert sorted(ours) == sorted(theirs), (
-        f"tensor names differ: only ours {sorted(set(ours) - set(theirs))}, "
-        f"only mergekit {sorted(set(theirs) - set(ours))}"
-    )
-    inputs = None
-    notes = []
-    for name in sorted(theirs):
-        a, b = ours[name], theirs[name]
-        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} (ours) vs {b.dtype} (mergekit)"
-        assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} (ours) vs {tuple(b.shape)} (mergekit)"
-        scale = b.abs().max().clamp_min(1e-30)
-        diff = (a.float() - b.float()).abs()
-        worst = (diff.max() / scale).item()
-        if worst <= TOLERANCE:
-            continue
-        off = diff > TOLERANCE * scale
-        explained = torch.zeros_like(off)
-        if case.trims:
-            if inputs is None:
-                inputs = [load_model_tensors(case.base)] + [load_model_tensors(p) for p in case.finetuned]
-            base = inputs[0][name]
-            for model in inputs[1:]:
-                explained |= duplicated_magnitudes(model[name] - base)
-        unexplained = off & ~explained
-        count = int(off.sum())
-        assert not unexplained.any() and count <= 2 * max(1, len(case.finetuned)), (
-            f"{name}: max relative difference {worst:.3e} > {TOLERANCE:g} at {count} of {off.numel()} "
-            f"entries ({int(unexplained.sum())} not at a magnitude tie); first at flat index "
-            f"{int(off.reshape(-1).nonzero()[0])}: ours {a.reshape(-1)[off.reshape(-1)][0].item():.8g}, "
-            f"mergekit {b.reshape(-1)[off.reshape(-1)][0].item():.8g}"
-        )
-        notes.append(f"{name}: {count} entr{'y' if count == 1 else 'ies'} at a magnitude tie differ "
-                     f"(max relative difference {worst:.2e})")
-    return notes
 
 
 # -- the tests ------------------------------------------------------------------------------

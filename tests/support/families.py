@@ -371,3 +371,13 @@ def build_family(root: Path, arch: str = "llama", n_finetuned: int = 2, *, dtype
 
     stamp_path.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return family
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors folder."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
