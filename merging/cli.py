@@ -18,8 +18,9 @@ from typing import Callable
 from merging.engine import merge
 from merging.errors import MergeStudioError
 from merging.methods import REGISTRY, REQUIRED, load_plugins
-from merging.recipe import load_recipe
+from merging.recipe import load_stages
 from merging.sources import SourcePolicy
+from merging.stages import final_stage, merge_stages
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ def _merge_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB or 500MB")
     run.add_argument("--json", action="store_true", help="print the result summary as JSON")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--strict", action="store_true",
+                     help="keys mergekit ignores (typos, parameters a method does not read) are errors, not warnings")
+    run.add_argument("--intermediate-dir", type=Path, default=None,
+                     help="multi-stage recipes: where named stages are merged (default: OUT_DIR-stages beside the output)")
 
 
 def _methods_arguments(methods: argparse.ArgumentParser) -> None:
@@ -91,17 +96,29 @@ def cmd_merge(args) -> int:
     from tqdm import tqdm
 
     load_plugins()  # a recipe may name a method from $MERGE_STUDIO_PLUGINS
-    recipe = load_recipe(args.recipe)
-    if args.seed is not None:
-        recipe.seed = args.seed
+    stages = load_stages(args.recipe, strict=args.strict)
+    for stage in stages:
+        for warning in stage.warnings:
+            print(f"warning: {f'stage {stage.name!r}: ' if len(stages) > 1 and stage.name else ''}{warning}",
+                  file=sys.stderr)
+        if args.seed is not None:
+            stage.seed = args.seed
     bar = None
+    current = {"stage": final_stage(stages).merge_method}
 
     def progress(done: int, total: int, name: str) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="tensor", desc=f"{recipe.merge_method}", disable=True if args.quiet else None)  # None: off when stderr is not a terminal
+            bar = tqdm(total=total, unit="tensor", desc=current["stage"], disable=True if args.quiet else None)  # None: off when stderr is not a terminal
         bar.set_postfix_str(name[-40:], refresh=False)
         bar.update(done - bar.n)
+
+    def next_stage(name: str, index: int, count: int) -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+        current["stage"] = f"stage {index + 1}/{count} {name}"
 
     calibration_bars: dict[str, tqdm] = {}
 
@@ -111,12 +128,15 @@ def cmd_merge(args) -> int:
                                          disable=True if args.quiet else None)
         calibration_bars[ref].update(done - calibration_bars[ref].n)
 
+    options = dict(device=args.device, overwrite=args.overwrite, shard_size=args.shard_size,
+                   policy=SourcePolicy(allow_pickle=args.allow_pickle), progress=progress,
+                   calibration_progress=calibration_progress)
     try:
-        result = merge(
-            recipe, args.out_dir, device=args.device, overwrite=args.overwrite, shard_size=args.shard_size,
-            policy=SourcePolicy(allow_pickle=args.allow_pickle), progress=progress,
-            calibration_progress=calibration_progress,
-        )
+        if len(stages) == 1:
+            result = merge(stages[0], args.out_dir, **options)
+        else:
+            result = merge_stages(stages, args.out_dir, intermediate_dir=args.intermediate_dir, progress_stage=next_stage,
+                                  **options)
     finally:
         for open_bar in [*calibration_bars.values(), bar]:
             if open_bar is not None:

@@ -29,7 +29,8 @@ from merging.checkpoint import (
 from merging.errors import CheckpointError, MergeCancelled, check_cancel
 from merging.methods import get_method
 from merging.model_card import write_model_card
-from merging.plan import ModelSet, TensorPlan, open_inputs, plan_tensors, resolve_parameters, tensor_seed
+from merging.plan import (ModelSet, TensorPlan, check_supported, open_inputs, plan_tensors, resolve_parameters,
+                          tensor_seed)
 from merging.recipe import Recipe
 from merging.runtime import pick_device
 from merging.sources import SourcePolicy, resolve_model
@@ -83,6 +84,7 @@ def merge(
     compute = pick_device(device)
     max_shard = parse_size(shard_size, "shard size")
     method = get_method(recipe.merge_method)
+    check_supported(recipe)
     check_output_dir(Path(out_dir), overwrite=overwrite)  # before any download
     models = open_inputs(recipe, policy, resolver)
     stats = None

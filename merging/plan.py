@@ -57,6 +57,23 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 8  # leaves room for + model index
 
 
+def check_supported(recipe: Recipe) -> None:
+    """Refuse, before anything is read, the parts of mergekit's schema the engine cannot run yet."""
+    missing = []
+    if recipe.slices is not None:
+        missing.append("layer slices ('slices:' / 'modules:')")
+    if recipe.tokenizer and (recipe.tokenizer.source == "union" or recipe.tokenizer.tokens
+                             or recipe.tokenizer.pad_to_multiple_of is not None):
+        missing.append("merging vocabularies (tokenizer source 'union', 'tokens', 'pad_to_multiple_of')")
+    if recipe.chat_template:
+        missing.append("setting a chat template ('chat_template:')")
+    lora = next((ref for ref in recipe.referenced_models() if "+" in ref), None)
+    if lora:
+        missing.append(f"LoRA references (model+adapter: {lora})")
+    if missing:
+        raise CheckpointError(f"this recipe uses {', '.join(missing)}, which Merge Studio does not run yet")
+
+
 def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) -> ModelSet:
     """Resolve every model of the recipe, checking configs before any weights are fetched.
 

@@ -218,7 +218,7 @@ def typed(text: str, current: dict, version: dict):
         return current, f"⚠ {as_text(exc)}", version, gr.skip(), gr.skip(), gr.skip(), gr.skip()
     same = new["merge_method"] == current["merge_method"] and \
         [m["model"] for m in new["models"]] == [m["model"] for m in current["models"]]
-    return (new, _status(new), version if same else relayout(version), *_header(new))
+    return (new, _status(text), version if same else relayout(version), *_header(new))
 
 
 def left(text: str, current: dict, version: dict):
@@ -227,8 +227,9 @@ def left(text: str, current: dict, version: dict):
 
 
 def load_file(path: str, version: dict):
-    new = form.parse(read_upload(path, "recipe", MAX_RECIPE_BYTES))
-    return (*edited(new), relayout(version), *_header(new))
+    text = read_upload(path, "recipe", MAX_RECIPE_BYTES)
+    new = form.parse(text)
+    return new, text, _status(text), relayout(version), *_header(new)
 
 
 def run_merge(settings: Settings, text: str, done: list, signal: StopSignal, request: gr.Request,
@@ -272,9 +273,15 @@ def _seeded(recipe: dict) -> bool:
     return REGISTRY[recipe["merge_method"]].spec.randomized
 
 
-def _status(recipe: dict) -> str:
-    problem = form.check(recipe)
-    return f"⚠ {as_text(problem)}" if problem else "✓ valid recipe"
+def _status(recipe: dict | str) -> str:
+    """The line under the editor: the error, or each key mergekit would ignore (the merge runs
+    without them, as mergekit's would), or that the recipe is valid."""
+    problem, ignored = form.review(recipe)
+    if problem:
+        return f"⚠ {as_text(problem)}"
+    if ignored:
+        return "\n\n".join(f"⚠ {as_text(note)}" for note in ignored) + "\n\n✓ valid otherwise: it merges as mergekit would"
+    return "✓ valid recipe"
 
 
 # -- wiring ---------------------------------------------------------------------------------------

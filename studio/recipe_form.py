@@ -200,11 +200,16 @@ def recipe_from_text(text: str) -> Recipe:
 
 def check(recipe: dict | str) -> str:
     """'' when the recipe is valid, else the engine's message saying what to fix."""
+    return review(recipe)[0]
+
+
+def review(recipe: dict | str) -> tuple[str, list[str]]:
+    """(the error, or ''; the keys mergekit would ignore) of a recipe dict or YAML text."""
     try:
-        load_recipe(recipe) if isinstance(recipe, dict) else recipe_from_text(recipe)
+        loaded = load_recipe(recipe) if isinstance(recipe, dict) else recipe_from_text(recipe)
     except MergeStudioError as exc:
-        return str(exc)
-    return ""
+        return str(exc), []
+    return "", loaded.warnings
 
 
 def parse(text: str) -> dict:

@@ -323,19 +323,19 @@ def test_unknown_method(tmp_path, llama, out):
         assert name in message
 
 
-def test_unknown_recipe_key(tmp_path, llama, out):
+def test_unknown_recipe_key_is_an_error_with_strict(tmp_path, llama, out):
+    """Without --strict it is a warning and the merge runs, as mergekit's would (test_recipe_compat)."""
     recipe = linear_recipe(*llama.finetuned, merge_strategy="fast")
-    message = merge_error(tmp_path, recipe, out)
-    assert "merge_strategy" in message
-    assert "unknown" in message
+    message = merge_error(tmp_path, recipe, out, "--strict")
+    assert "'merge_strategy' is ignored" in message and "--strict" in message
 
 
-def test_unknown_per_model_parameter(tmp_path, llama, out):
+def test_misspelt_per_model_parameter_is_an_error_with_strict(tmp_path, llama, out):
     recipe = linear_recipe(*llama.finetuned)
     recipe["models"][1]["parameters"] = {"wieght": 0.3}
-    message = merge_error(tmp_path, recipe, out)
-    assert "wieght" in message
-    assert "weight" in message  # lists what is allowed
+    message = merge_error(tmp_path, recipe, out, "--strict")
+    assert "'wieght' is ignored" in message
+    assert "did you mean 'weight'?" in message
 
 
 def test_invalid_yaml_names_the_line(tmp_path, llama, out):
@@ -354,7 +354,7 @@ def test_invalid_yaml_names_the_line(tmp_path, llama, out):
 def test_lora_reference_not_supported(tmp_path, llama, out):
     recipe = linear_recipe(llama.finetuned[0], f"{llama.finetuned[1]}+some/adapter")
     message = merge_error(tmp_path, recipe, out)
-    assert "LoRA" in message and "not supported" in message
+    assert "LoRA" in message and "does not run yet" in message
     assert "+some/adapter" in message
 
 
