@@ -27,7 +27,8 @@ def whole(keep, values):
 
 def run(name, base, tensors, per_model, **params):
     method = get_method(name)
-    defaults = {p.name: p.default for p in method.spec.global_params()}
+    # a required parameter (nearswap's t) takes the studio's starting value
+    defaults = {p.name: method.spec.starting_value(p) if p.required else p.default for p in method.spec.global_params()}
     models = [{p.name: p.default for p in method.spec.model_params()} | m for m in per_model]
     return method(base, tensors, models, defaults | params, seed=1234)
 
