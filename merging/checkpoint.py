@@ -453,21 +453,25 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtype: torch.dtype | None) -> None:
+def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtype: torch.dtype | None,
+                       config_updates: dict | None = None) -> None:
     """Copy config and generation config from ``source`` and tokenizer files from ``tokenizer_source``.
 
     The config's dtype is set to the dtype actually written, so ``from_pretrained`` with
-    ``dtype="auto"`` loads what is on disk.
+    ``dtype="auto"`` loads what is on disk; ``config_updates`` (e.g. a frankenmerge's number of
+    layers) are written over the copied config.
     """
     for name in CONFIG_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out_dir / name)
-    if dtype is not None and (out_dir / "config.json").is_file():
+    if (dtype is not None or config_updates) and (out_dir / "config.json").is_file():
         config = json.loads((out_dir / "config.json").read_text())
-        dtype_name = str(dtype).removeprefix("torch.")
-        config["dtype"] = dtype_name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = dtype_name
+        if dtype is not None:
+            dtype_name = str(dtype).removeprefix("torch.")
+            config["dtype"] = dtype_name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = dtype_name
+        config.update(config_updates or {})
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:
         if (tokenizer_source / name).is_file():

@@ -19,7 +19,6 @@ from typing import Callable
 from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, load_examples
 from merging.checkpoint import (
     StreamingWriter,
-    TensorInfo,
     all_finite,
     atomic_output,
     check_output_dir,
@@ -29,8 +28,8 @@ from merging.checkpoint import (
 from merging.errors import CheckpointError, MergeCancelled, check_cancel
 from merging.methods import get_method
 from merging.model_card import write_model_card
-from merging.plan import (ModelSet, TensorPlan, check_supported, open_inputs, plan_tensors, resolve_parameters,
-                          tensor_seed)
+from merging.plan import (ModelSet, Source, TensorPlan, check_supported, config_updates, open_inputs, plan_tensors,
+                          resolve_parameters, tensor_seed)
 from merging.recipe import Recipe
 from merging.runtime import pick_device
 from merging.sources import SourcePolicy, resolve_model
@@ -91,13 +90,14 @@ def merge(
     try:
         plans = plan_tensors(recipe, models)
         stats = calibrate_inputs(recipe, models, policy, device, calibration_progress, cancel)
-        protected = [m.folder for m in [models.reference, models.tokenizer, *models.inputs]]
+        protected = [m.folder for m in [models.tokenizer, *models.models.values()]]
         with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
             writer = StreamingWriter(temp, [p.out for p in plans], max_shard)
             try:
                 _stream(recipe, method, models, plans, writer, compute, progress, cancel, stats)
                 shards = writer.finish()
-                copy_support_files(models.reference.folder, models.tokenizer.folder, temp, recipe.output_dtype)
+                copy_support_files(models.reference.folder, models.tokenizer.folder, temp, recipe.output_dtype,
+                                   config_updates(recipe, models))
                 write_model_card(temp, recipe)
             except OSError as exc:
                 raise CheckpointError(
@@ -159,23 +159,19 @@ def calibrate_inputs(recipe: Recipe, models: ModelSet, policy: SourcePolicy, dev
 
 def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
-    spec = recipe.method
-    # linear and slerp take the base as an ordinary input (read once, among the inputs); Fisher and
-    # RegMean only take its config
-    base_reader = models.reader(models.base) if models.base and spec.base == "origin" else None
-    readers = [(m.ref, models.reader(m)) for m in models.inputs]
-    ref_reader = models.reader(models.reference)
-    kind = spec.calibration
+    kind = recipe.method.calibration
 
     # The reader thread only reads (no torch compute: a second thread of parallel torch ops
     # would fight the main one for the cores).
+    def read(source: Source):
+        return models.reader(source.model).get(source.name).to(compute, non_blocking=True)
+
     def load(plan: TensorPlan):
-        name = plan.out.name
         if not plan.merged:
-            return ref_reader.get(name), None, None
-        base = base_reader.get(name).to(compute, non_blocking=True) if base_reader else None
-        tensors = [reader.get(name).to(compute, non_blocking=True) for _, reader in readers]
-        extra = [kind.tensor_stats(entry, name, compute) for entry in stats] if stats else None
+            return models.reader(plan.inputs[0].model).get(plan.inputs[0].name), None, None
+        base = read(plan.base) if plan.base else None
+        tensors = [read(source) for source in plan.inputs]
+        extra = [kind.tensor_stats(entry, source.name, compute) for entry, source in zip(stats, plan.inputs)] if stats else None
         return None, base, (tensors, extra)
 
     # A reader thread fetches the next tensor's inputs while the current one is computed: at
@@ -197,7 +193,7 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
                 result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
                 out = result.to(plan.out.dtype)
                 if not all_finite(out):  # NaN/Inf in any source always reaches the result
-                    raise CheckpointError(_non_finite_message(plan.out, result, base, tensors, models))
+                    raise CheckpointError(_non_finite_message(plan, result, base, tensors))
                 del base, tensors, extra, result
             else:
                 out = copied.to(plan.out.dtype)
@@ -206,10 +202,11 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
                 progress(index + 1, len(plans), plan.out.name)
 
 
-def _non_finite_message(out: TensorInfo, result, base, tensors, models: ModelSet) -> str:
+def _non_finite_message(plan: TensorPlan, result, base, tensors) -> str:
     """Say why a merged tensor is not finite: a damaged source (named), or overflow."""
-    sources = ([(models.base.ref, base)] if base is not None else []) + [
-        (m.ref, t) for m, t in zip(models.inputs, tensors)
+    out = plan.out
+    sources = ([(plan.base.model, base)] if base is not None else []) + [
+        (source.model, t) for source, t in zip(plan.inputs, tensors)
     ]
     damaged = damaged_source(out.name, sources)
     if damaged:

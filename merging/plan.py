@@ -13,35 +13,55 @@ import re
 from dataclasses import dataclass, field
 
 from merging.checkpoint import CheckpointReader, TensorInfo
-from merging.errors import CheckpointError
-from merging.recipe import Recipe, resolve
+from merging.errors import CheckpointError, RecipeError
+from merging.recipe import ModelEntry, OutputSlice, Recipe, entries_for, resolve, slice_base
 from merging.sources import ResolvedModel, SourcePolicy, resolve_model
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+@dataclass(frozen=True)
+class Source:
+    """One tensor of one input model."""
+
+    model: str  # the model's reference, as the recipe names it
+    name: str  # the tensor's name in that model's checkpoint
+
+
 @dataclass
 class TensorPlan:
-    """One output tensor: how it is made, and where it sits among the layers (``t``)."""
+    """One output tensor: how it is made, from which tensors, and with which parameter scopes.
+
+    ``inputs`` are the method's inputs in order (a copied tensor: its one source); ``base`` the
+    origin of task vectors, for methods whose spec says ``base: origin``. ``t`` is the tensor's
+    place among the layers for gradients (mergekit's: layer i of N at i/(N-1); a slice's own
+    layers; other tensors at 0). A parameter is looked up in ``model_scopes[i]`` (per model,
+    highest precedence first) or ``global_scopes``, then takes its default.
+    """
 
     out: TensorInfo
-    merged: bool  # False: copied from the reference model (non-float, or present only there)
+    merged: bool  # False: copied (not floating point, or present only in the reference)
     t: float = 0.0
+    inputs: tuple[Source, ...] = ()
+    base: Source | None = None
+    model_scopes: tuple[tuple[dict, ...], ...] = ()
+    global_scopes: tuple[dict, ...] = ()
 
 
 @dataclass
 class ModelSet:
     """The resolved models of a recipe and their open readers."""
 
-    reference: ResolvedModel  # config source: the base, else the first input
+    reference: ResolvedModel  # config source: the base, else the first model named
     base: ResolvedModel | None
-    inputs: list[ResolvedModel]
+    inputs: list[ResolvedModel]  # the method's inputs (models: recipes), or every model a slice names
     tokenizer: ResolvedModel
+    models: dict[str, ResolvedModel] = field(default_factory=dict)  # every model the recipe names, by reference
     readers: dict[str, CheckpointReader] = field(default_factory=dict)
 
-    def reader(self, model: ResolvedModel) -> CheckpointReader:
-        return self.readers[model.ref]
+    def reader(self, model: ResolvedModel | str) -> CheckpointReader:
+        return self.readers[model if isinstance(model, str) else model.ref]
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -60,8 +80,8 @@ def tensor_seed(seed: int, name: str) -> int:
 def check_supported(recipe: Recipe) -> None:
     """Refuse, before anything is read, the parts of mergekit's schema the engine cannot run yet."""
     missing = []
-    if recipe.slices is not None:
-        missing.append("layer slices ('slices:' / 'modules:')")
+    if recipe.slices is not None and recipe.method.calibration:
+        missing.append(f"layer slices with {recipe.merge_method}, which calibrates whole models (use 'models:')")
     if recipe.tokenizer and (recipe.tokenizer.source == "union" or recipe.tokenizer.tokens
                              or recipe.tokenizer.pad_to_multiple_of is not None):
         missing.append("merging vocabularies (tokenizer source 'union', 'tokens', 'pad_to_multiple_of')")
@@ -85,7 +105,7 @@ def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) ->
     check_configs(models)
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy))
     try:
-        for model in {m.ref: m for m in [models.reference, *models.inputs]}.values():
+        for model in models.models.values():
             models.readers[model.ref] = CheckpointReader(model.folder, allow_pickle=policy.allow_pickle, label=model.ref)
     except BaseException:
         models.close()
@@ -102,15 +122,19 @@ def _resolve_all(recipe: Recipe, resolve_one) -> ModelSet:
         return cache[ref]
 
     base = get(recipe.base_model) if recipe.base_model else None
-    inputs = [get(entry.model) for entry in recipe.input_entries()]
+    if recipe.slices is None:
+        inputs = [get(entry.model) for entry in recipe.input_entries()]
+    else:
+        inputs = [get(ref) for ref in recipe.referenced_models() if ref != recipe.base_model]
+    merged = {ref: get(ref) for ref in recipe.referenced_models()}  # not the tokenizer source: it only gives files
     reference = base or inputs[0]
     tokenizer = reference if recipe.tokenizer_source in (None, "base") else get(recipe.tokenizer_source)
-    return ModelSet(reference, base, inputs, tokenizer)
+    return ModelSet(reference, base, inputs, tokenizer, models=merged)
 
 
 def check_configs(models: ModelSet) -> None:
     """Architecture and vocabulary checks from config.json alone, before any weight is read."""
-    for other in models.inputs:
+    for other in models.models.values():
         problem = config_mismatch(models.reference, other)
         if problem:
             raise CheckpointError(problem)
@@ -163,10 +187,13 @@ def vocabulary_message(ref_a: str, size_a, ref_b: str, size_b) -> str:
 
 
 def plan_tensors(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
-    """Check every tensor of every input against the reference and decide how each is made."""
+    """Check every input tensor and decide how each output tensor is made."""
+    if recipe.slices is not None:
+        return plan_slices(recipe, models)
     ref_reader = models.reader(models.reference)
     out_dtype = recipe.output_dtype
     num_layers = _layer_count(models.reference.config, ref_reader.names())
+    entries = recipe.input_entries()
     input_readers = [(m, models.reader(m)) for m in models.inputs]
     names = ref_reader.names()
     ref_shapes = {name: ref_reader.info(name).shape for name in names}
@@ -174,6 +201,8 @@ def plan_tensors(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
         problem = layout_mismatch(models.reference.ref, ref_shapes, model.ref, {n: reader.info(n).shape for n in reader.names()})
         if problem:
             raise CheckpointError(problem)
+    origin = models.base if models.base and recipe.method.base == "origin" else None
+    model_scopes = tuple((entry.parameters, recipe.parameters) for entry in entries)
     plans = []
     for name in names:
         info = ref_reader.info(name)
@@ -184,8 +213,135 @@ def plan_tensors(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
         floating = info.dtype.is_floating_point
         merged = bool(present) and floating
         dtype = (out_dtype or info.dtype) if floating else info.dtype
-        plans.append(TensorPlan(TensorInfo(name, info.shape, dtype), merged, _layer_position(name, num_layers)))
+        inputs = tuple(Source(m.ref, name) for m in models.inputs) if merged else (Source(models.reference.ref, name),)
+        plans.append(TensorPlan(TensorInfo(name, info.shape, dtype), merged, _layer_position(name, num_layers), inputs,
+                                Source(origin.ref, name) if merged and origin else None,
+                                model_scopes, (recipe.parameters,)))
     return plans
+
+
+def plan_slices(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
+    """The output of a ``slices:`` recipe, layer by layer, as mergekit plans it.
+
+    Output layer j of slice k merges layer start + i of every source of the slice (i = j's place
+    in the slice), with gradients over the slice's own layers (t = i/(n−1)). Tensors outside the
+    layers are merged over the sources of the first slice (embeddings) or of the last slice
+    (final norm, lm_head), at t = 0. The output has as many layers as the slices together.
+    """
+    spec = recipe.method
+    ref_reader = models.reader(models.reference)
+    templates, outside = _layer_templates(ref_reader.names())
+    out_dtype = recipe.output_dtype
+    plans: list[TensorPlan] = []
+    layer = 0
+    for k, piece in enumerate(recipe.slices):
+        base, entries = slice_inputs(recipe, piece, k)
+        starts = {s.model: s.layer_range[0] for s in piece.sources}
+        for s in piece.sources:
+            depth = _layer_count(models.models[s.model].config, models.reader(s.model).names())
+            if s.layer_range[1] > depth:
+                raise CheckpointError(f"slices[{k}]: {s.model} has {depth} layers, so layer_range {list(s.layer_range)} "
+                                      f"does not fit (layers are counted from 0; the end is excluded)")
+        scopes = tuple((entry.parameters, piece.parameters, recipe.parameters) for entry in entries)
+        for i in range(piece.num_layers):
+            t = i / (piece.num_layers - 1) if piece.num_layers > 1 else 1.0
+            for template in templates:
+                out_name = template.format(layer)
+                sources = [Source(e.model, template.format(starts[e.model] + i)) for e in entries]
+                origin = Source(base, template.format(starts[base] + i)) if spec.base == "origin" and base else None
+                plans.append(_slice_tensor(models, out_name, sources, origin, t, scopes, (piece.parameters, recipe.parameters),
+                                           out_dtype))
+            layer += 1
+    first, last = recipe.slices[0], recipe.slices[-1]
+    for name in outside:
+        piece = first if _before_layers(name) else last
+        base, entries = slice_inputs(recipe, piece, recipe.slices.index(piece))
+        scopes = tuple((entry.parameters, piece.parameters, recipe.parameters) for entry in entries)
+        origin = Source(base, name) if spec.base == "origin" and base else None
+        plans.append(_slice_tensor(models, name, [Source(e.model, name) for e in entries], origin, 0.0, scopes,
+                                   (piece.parameters, recipe.parameters), out_dtype))
+    return sorted(plans, key=lambda plan: _output_order(plan.out.name))
+
+
+def slice_inputs(recipe: Recipe, piece: OutputSlice, index: int) -> tuple[str | None, list[ModelEntry]]:
+    """(the slice's base, the method's inputs among its sources). As in mergekit, a slice's base
+    (its own ``base_model``, else the recipe's) is one of its sources, never added to them."""
+    spec = recipe.method
+    refs = [s.model for s in piece.sources]
+    base = slice_base(piece, recipe.base_model)
+    if spec.needs_base and base is None:
+        raise RecipeError(f"slices[{index}]: {spec.name} needs its base model among the slice's sources "
+                          f"({', '.join(refs)}): its layers are the origin of the task vectors")
+    return base, entries_for(spec, [ModelEntry(s.model, s.parameters) for s in piece.sources], base)
+
+
+def _slice_tensor(models: ModelSet, out_name: str, sources: list[Source], origin: Source | None, t: float,
+                  model_scopes: tuple, global_scopes: tuple, out_dtype) -> TensorPlan:
+    """One output tensor of a slice recipe, its inputs checked to exist and agree in shape."""
+    first = None
+    for source in [*sources, *([origin] if origin else [])]:
+        reader = models.reader(source.model)
+        if source.name not in reader:
+            raise CheckpointError(f"tensor {source.name} is not in {source.model}; the models of a slice must "
+                                  "share the architecture's tensors")
+        info = reader.info(source.name)
+        if first is not None and tuple(info.shape) != tuple(first.shape):
+            raise CheckpointError(f"tensor {source.name} has shape {list(info.shape)} in {source.model} but "
+                                  f"{list(first.shape)} in {sources[0].model}; these layers cannot be merged")
+        first = first or info
+    floating = first.dtype.is_floating_point
+    dtype = (out_dtype or first.dtype) if floating else first.dtype
+    if not floating:
+        return TensorPlan(TensorInfo(out_name, first.shape, dtype), False, t, (sources[0],))
+    return TensorPlan(TensorInfo(out_name, first.shape, dtype), True, t, tuple(sources), origin, model_scopes, global_scopes)
+
+
+def _layer_templates(names: list[str]) -> tuple[list[str], list[str]]:
+    """(the tensor names of one layer, with the layer index as ``{}``; the names outside the layers),
+    from the reference checkpoint's layer 0."""
+    templates, outside = [], []
+    for name in names:
+        match = LAYER_INDEX.search(name)
+        if match is None:
+            outside.append(name)
+        elif match.group(1) == "0":
+            templates.append(name[: match.start(1)] + "{}" + name[match.end(1):])
+    return templates, outside
+
+
+def _before_layers(name: str) -> bool:
+    """Whether a tensor outside the layers comes before them (embeddings) rather than after them."""
+    return any(part in name for part in ("embed", "wte", "wpe", "word_embeddings"))
+
+
+def _output_order(name: str) -> tuple:
+    """Checkpoint order: embeddings, then the layers in order, then the rest."""
+    match = LAYER_INDEX.search(name)
+    if match:
+        return (1, int(match.group(1)), name)
+    return (0 if _before_layers(name) else 2, 0, name)
+
+
+def config_updates(recipe: Recipe, models: ModelSet) -> dict:
+    """What the output's config.json changes from the reference's: for a slice recipe, the number
+    of layers, and every per-layer list (such as ``layer_types``) rebuilt from the layers the output
+    took (each from the first source of its slice)."""
+    if recipe.slices is None:
+        return {}
+    taken = [(piece.sources[0].model, piece.sources[0].layer_range[0] + i)
+             for piece in recipe.slices for i in range(piece.num_layers)]
+    config = models.reference.config
+    depth = _layer_count(config, [])
+    updates = {key: len(taken) for key in LAYER_COUNT_KEYS if isinstance(config.get(key), int)}
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == depth and key not in updates:
+            updates[key] = [_per_layer(models.models[model].config, key, value)[index] for model, index in taken]
+    return updates
+
+
+def _per_layer(config: dict, key: str, fallback: list) -> list:
+    value = config.get(key)
+    return value if isinstance(value, list) else fallback
 
 
 def _is_vocabulary_tensor(name: str) -> bool:
@@ -209,11 +365,12 @@ def _layer_position(name: str, num_layers: int) -> float:
 
 
 def resolve_parameters(recipe: Recipe, plan: TensorPlan) -> tuple[list[dict], dict]:
-    """Per-model and global parameter values for one tensor (model entry, then global, then default)."""
+    """Per-model and global parameter values for one tensor: the first of the plan's scopes that sets
+    a parameter (and whose filters match this tensor) wins, else the parameter's default."""
     spec = recipe.method
     name = plan.out.name
 
-    def value(param, *scopes):
+    def value(param, scopes):
         for scope in scopes:
             if param.name in scope:
                 result = resolve(scope[param.name], param, name, plan.t)
@@ -221,9 +378,6 @@ def resolve_parameters(recipe: Recipe, plan: TensorPlan) -> tuple[list[dict], di
                     return result
         return param.default
 
-    global_values = {p.name: value(p, recipe.parameters) for p in spec.global_params()}
-    per_model = [
-        {p.name: value(p, entry.parameters, recipe.parameters) for p in spec.model_params()}
-        for entry in recipe.input_entries()
-    ]
+    global_values = {p.name: value(p, plan.global_scopes) for p in spec.global_params()}
+    per_model = [{p.name: value(p, scopes) for p in spec.model_params()} for scopes in plan.model_scopes]
     return per_model, global_values

@@ -622,14 +622,20 @@ def _seed(value: Any) -> int:
     return value
 
 
+def slice_base(piece: OutputSlice, base_model: str | None) -> str | None:
+    """A slice's base is one of its sources (its own base_model, else the recipe's), never added."""
+    base = piece.base_model or base_model
+    return base if base in [s.model for s in piece.sources] else None
+
+
 def _check_inputs(recipe: Recipe, spec: MethodSpec) -> None:
     slice_bases = [piece.base_model for piece in recipe.slices or []]
     if spec.needs_base and not recipe.base_model and not (slice_bases and all(slice_bases)):
         raise RecipeError(f"{spec.name} needs a 'base_model': task vectors are measured from it")
-    groups = ([(None, recipe.input_entries())] if recipe.slices is None else
-              [(f"slices[{i}]", entries_for(spec, [ModelEntry(s.model, s.parameters) for s in piece.sources],
-                                            piece.base_model or recipe.base_model))
-               for i, piece in enumerate(recipe.slices)])
+    groups = [(None, recipe.input_entries())] if recipe.slices is None else [
+        (f"slices[{i}]", entries_for(spec, [ModelEntry(s.model) for s in piece.sources],
+                                     slice_base(piece, recipe.base_model)))
+        for i, piece in enumerate(recipe.slices)]
     for where, inputs in groups:
         prefix = f"{where}: " if where else ""
         count = len(inputs)
