@@ -19,7 +19,7 @@ Two implementation choices keep this fast and lean on a CPU:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -71,8 +71,10 @@ class TaskVector:
 
     model: torch.Tensor
     base: torch.Tensor
+    shape: tuple[int, ...] = field(init=False)  # the tensor's own shape (DELLA ranks within its rows)
 
     def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.base.shape))
         object.__setattr__(self, "model", self.model.reshape(-1))
         object.__setattr__(self, "base", self.base.reshape(-1))
 
@@ -216,26 +218,95 @@ def block_seed(seed: int, block: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def _block_draws(numel: int, seed: int, part: slice) -> torch.Tensor:
+    """15-bit uniform integers (int16 in [0, 2¹⁵)), one per entry of the BLOCKs ``part`` covers, on the CPU.
+
+    One generator per fixed block of BLOCK entries, seeded from ``seed`` and the block's index,
+    so the draws are identical on every device and chunking (chunks start at block
+    boundaries). Each 64-bit random word gives four draws (the sign bit of each 16-bit lane
+    is dropped).
+    """
+    pieces = []
+    for block in range(part.start // BLOCK, -(-part.stop // BLOCK)):
+        size = min(BLOCK, numel - block * BLOCK)
+        generator = torch.Generator().manual_seed(block_seed(seed, block))
+        words = torch.empty(-(-size // 4), dtype=torch.int64).random_(generator=generator)
+        pieces.append(words.view(torch.int16)[:size].bitwise_and_(0x7FFF))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def random_keep(numel: int, density: float, seed: int) -> Keep:
     """DARE "drop": keep each entry independently with probability ``density`` (= 1 − drop rate).
 
-    Masks are drawn on the CPU, one generator per fixed block of BLOCK entries seeded from
-    ``seed`` and the block's index, so they are identical on every device and chunking. Each
-    64-bit random word gives four 15-bit uniform draws (the sign bit of each 16-bit lane is
-    dropped), so the keep probability is round(density·2¹⁵)/2¹⁵, within 1.6e-5 of density.
+    Masks are drawn on the CPU from ``_block_draws``, so they are identical on every device and
+    chunking; an entry is kept when its 15-bit draw is below round(density·2¹⁵), so the keep
+    probability is round(density·2¹⁵)/2¹⁵, within 1.6e-5 of density.
     """
     cutoff = max(1, round(density * 2**_RANDOM_BITS))
 
     def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
-        pieces = []
-        for block in range(part.start // BLOCK, -(-part.stop // BLOCK)):
-            size = min(BLOCK, numel - block * BLOCK)
-            generator = torch.Generator().manual_seed(block_seed(seed, block))
-            words = torch.empty(-(-size // 4), dtype=torch.int64).random_(generator=generator)
-            draws = words.view(torch.int16)[:size].bitwise_and_(0x7FFF)
-            pieces.append(torch.lt(draws, cutoff, out=torch.empty(size)))
-        mask = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        draws = _block_draws(numel, seed, part)
+        mask = torch.lt(draws, cutoff, out=torch.empty(draws.numel()))
         return mask.to(chunk.device, non_blocking=True)
+
+    return kept
+
+
+def rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
+    """r / (L − 1) per entry of each row of ``magnitude`` (rows × L), r its 0-based rank by size
+    within its row: 0 for the smallest, 1 for the largest (float32).
+
+    Equal magnitudes rank by position (a stable sort; mergekit's ``argsort`` orders them
+    arbitrarily). A row of one entry has no spread of ranks and gets 0.5, the middle of the
+    schedule (mergekit divides 0 by 0 there and fails).
+    """
+    rows, length = magnitude.shape
+    if length == 1:
+        return torch.full_like(magnitude, 0.5, dtype=torch.float32)
+    order = torch.argsort(magnitude, dim=1, stable=True)
+    positions = torch.arange(length, dtype=torch.float32, device=magnitude.device).div_(length - 1)
+    return torch.empty(rows, length, device=magnitude.device).scatter_(1, order, positions.expand(rows, length))
+
+
+def magprune_keep(delta: TaskVector, density: float, epsilon: float, seed: int, *, divide: bool = False) -> Keep:
+    """DELLA MagPrune: keep each entry with a probability that grows with its magnitude's rank.
+
+    pᵢ = (density − ε) + 2ε · rᵢ/(L − 1), rᵢ the rank of |δᵢ| within its row of L entries
+    (mergekit ranks along dim 1: the rows of a matrix, the whole of a vector); the kept
+    fraction stays ≈ density on average. With ``divide`` every survivor is divided by its own
+    pᵢ (the paper's rescale, δ̃ᵢ = mᵢδᵢ/pᵢ, unbiased); otherwise the mask is 0/1. The random
+    draws are ``random_keep``'s (same seed: same draws), so with ε = 0 this keeps exactly
+    DARE's entries. Deep et al., 2024, https://arxiv.org/abs/2406.11617; mergekit
+    ``sparsify.della_magprune``.
+
+    Ranks are computed per chunk for the rows the chunk touches (one sort of those rows),
+    except for tensors of 3 or more dimensions, whose dim-1 "rows" are strided: their rank
+    fractions are computed once for the whole tensor.
+    """
+    shape, numel = delta.shape, delta.numel
+    low, spread = density - epsilon, 2 * epsilon
+    if len(shape) >= 3:
+        magnitude = delta.chunk(slice(0, numel)).abs_().view(shape).movedim(1, -1)
+        whole = rank_fraction(magnitude.reshape(-1, shape[1])).view(magnitude.shape).movedim(-1, 1).reshape(-1)
+        fraction = lambda part: whole[part]
+    else:
+        length = shape[-1] if len(shape) == 2 else numel
+
+        def fraction(part: slice) -> torch.Tensor:
+            first, last = part.start // length, -(-part.stop // length)
+            rows = delta.chunk(slice(first * length, last * length)).abs_().view(last - first, length)
+            offset = first * length
+            return rank_fraction(rows).view(-1)[part.start - offset:part.stop - offset]
+
+    def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
+        draws = _block_draws(numel, seed, part).to(chunk.device, non_blocking=True).to(torch.float32)
+        if spread == 0:  # no ranks to sort; DARE's cutoff round(density·2¹⁵) exactly
+            mask = torch.lt(draws, max(1, round(low * 2**_RANDOM_BITS)), out=torch.empty_like(chunk))
+            return mask.div_(low) if divide else mask
+        probability = fraction(part).mul(spread).add_(low)  # not in place: a 3-d tensor's fractions are kept
+        cutoff = probability.mul(2**_RANDOM_BITS).round_().clamp_(min=1)
+        mask = torch.lt(draws, cutoff, out=torch.empty_like(chunk))
+        return mask.div_(probability) if divide else mask
 
     return kept
 

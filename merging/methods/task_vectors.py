@@ -1,10 +1,11 @@
-"""The task-vector family: task arithmetic, TIES, DARE, Model Breadcrumbs, as one table.
+"""The task-vector family: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, as one table.
 
 Every member is one pipeline over task vectors δᵢ = θᵢ − θ_base (per tensor):
 
 1. sparsify each δᵢ on its own (a row of ``SPARSIFIERS``): nothing (task arithmetic),
-   magnitude trim (TIES), random drop (DARE) or outlier-and-small trim (Breadcrumbs);
-   optionally rescale the survivors;
+   magnitude trim (TIES), random drop (DARE), outlier-and-small trim (Breadcrumbs) or a random
+   drop whose keep probability grows with magnitude rank (DELLA's MagPrune); optionally rescale
+   the survivors;
 2. weight: wᵢ·δᵢ (after sparsifying, as mergekit);
 3. combine (a row of ``CONSENSUS``): a plain sum (``Σ wᵢδᵢ``, divided by Σ wᵢ if ``normalize``),
    or TIES's: elect the sign of Σ wᵢδᵢ per entry and take the weighted disjoint mean of
@@ -24,12 +25,14 @@ from typing import Any, Callable
 
 import torch
 
+from merging.errors import RecipeError
 from merging.methods.kernels import (
     Keep,
     TaskVector,
     chunks,
     disjoint_merge,
     magnitude_keep,
+    magprune_keep,
     outlier_keep,
     random_keep,
     rescale_factor,
@@ -42,6 +45,12 @@ GAMMA = Param(
     "Model Breadcrumbs: fraction of the largest-magnitude deltas dropped as outliers.",
     low=0.0, high=1.0, high_inclusive=False,
 )
+EPSILON = Param(
+    "epsilon", float, 0.15, "model",
+    "DELLA: spread of the keep probability by magnitude rank: from density − epsilon for the smallest "
+    "|delta| of a row to density + epsilon for the largest. density ± epsilon must stay inside (0, 1).",
+    low=0.0, high=0.5, high_inclusive=False,
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,9 @@ class Sparsifier:
 
     ``keep(delta, per_model_params, seed)``: the keep mask (``merging.methods.kernels.Keep``);
     ``params``: the per-model parameters it reads; ``rescale``/``rescale_mode``: the defaults of
-    the method's ``rescale`` and ``rescale_mode`` parameters.
+    the method's ``rescale`` and ``rescale_mode`` parameters. ``keep_rescaled``, for sparsifiers
+    whose keep probability differs per entry (DELLA): the mask with each survivor already divided
+    by its own keep probability, used for ``rescale_mode: density``; None divides by density.
     """
 
     keep: Callable[[TaskVector, dict, int], Keep]
@@ -58,6 +69,16 @@ class Sparsifier:
     rescale: bool
     rescale_mode: str = "l1"
     randomized: bool = False
+    keep_rescaled: Callable[[TaskVector, dict, int], Keep] | None = None
+
+
+def _della_keep(delta: TaskVector, p: dict, seed: int, *, divide: bool = False) -> Keep:
+    """MagPrune with mergekit's check: probabilities density ± epsilon must lie in (0, 1)."""
+    density, epsilon = p["density"], p["epsilon"]
+    if not (density - epsilon > 0 and density + epsilon < 1):
+        raise RecipeError(f"DELLA needs density ± epsilon inside (0, 1), got density {density:g} and "
+                          f"epsilon {epsilon:g}; lower epsilon (or move density away from 0 and 1)")
+    return magprune_keep(delta, density, epsilon, seed, divide=divide)
 
 
 SPARSIFIERS: dict[str, Sparsifier] = {
@@ -66,6 +87,9 @@ SPARSIFIERS: dict[str, Sparsifier] = {
                          rescale=True, rescale_mode="density", randomized=True),
     "magnitude_outliers": Sparsifier(lambda delta, p, seed: outlier_keep(delta, p["density"], p["gamma"]),
                                      (DENSITY, GAMMA), rescale=False),
+    # mergekit rescales DELLA to the L1 norm like the others; the paper divides by each pᵢ
+    "della_magprune": Sparsifier(_della_keep, (DENSITY, EPSILON), rescale=True, rescale_mode="l1", randomized=True,
+                                 keep_rescaled=lambda delta, p, seed: _della_keep(delta, p, seed, divide=True)),
 }
 
 CONSENSUS: dict[str | None, Callable[[list[torch.Tensor], list[float], bool], torch.Tensor]] = {
@@ -126,6 +150,22 @@ MEMBERS = (
            sparsifier="magnitude_outliers", consensus="sum", normalize=False,
            guidance="Breadcrumbs' outlier and small-value trim, then TIES's sign election.",
            suggested={"density": 0.9}),
+    Member("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+           "Drop entries at random, keeping larger magnitudes more often (density ± epsilon), rescale, "
+           "then TIES election.",
+           sparsifier="della_magprune", consensus="sum", normalize=True,
+           guidance="Density 0.3–0.7 with epsilon 0.1–0.2 (mergekit's default 0.15): each row's smallest "
+                    "deltas are kept with probability density − epsilon, its largest with density + epsilon. "
+                    "Survivors are rescaled to the delta's L1 norm (rescale_mode density: by 1/p, the "
+                    "paper's). Seeded.",
+           suggested={"density": 0.5, "epsilon": 0.15}),
+    Member("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
+           "Drop entries at random, keeping larger magnitudes more often (density ± epsilon), rescale, "
+           "then add.",
+           sparsifier="della_magprune", consensus=None, normalize=False,
+           guidance="Density 0.3–0.7 with epsilon 0.1–0.2 (mergekit's default 0.15), then added like task "
+                    "arithmetic (weights 0.3–0.5 each). Seeded.",
+           suggested={"weight": 0.4, "density": 0.5, "epsilon": 0.15}),
 )
 
 
@@ -134,8 +174,10 @@ def _sparsify(delta: TaskVector, sparsifier: Sparsifier | None, p: dict, params:
     density = p.get("density", 1.0)
     if sparsifier is None or density >= 1.0:
         return None, 1.0
-    keep = sparsifier.keep(delta, p, seed)
     mode = params.get("rescale_mode", "l1") if params.get("rescale", False) else "none"
+    if mode == "density" and sparsifier.keep_rescaled is not None:
+        return sparsifier.keep_rescaled(delta, p, seed), 1.0  # each survivor divided by its own keep probability
+    keep = sparsifier.keep(delta, p, seed)
     return keep, rescale_factor(delta, keep, density, mode)
 
 
@@ -172,8 +214,9 @@ def _params(member: Member, sparsifier: Sparsifier | None) -> tuple[Param, ...]:
         params.append(Param("rescale", bool, sparsifier.rescale, "global",
                             "Rescale the deltas that survive sparsification (see rescale_mode)."))
         params.append(Param("rescale_mode", str, sparsifier.rescale_mode, "global",
-                            "How survivors are rescaled: 'density' divides by density (DARE paper, unbiased); "
-                            "'l1' restores the delta's L1 norm (mergekit's behaviour).",
+                            "How survivors are rescaled: 'density' divides each by its keep probability (the "
+                            "papers' unbiased estimate: DARE's density, DELLA's per-entry probability); 'l1' "
+                            "restores the delta's L1 norm (mergekit's behaviour).",
                             choices=("density", "l1")))
     return tuple(params)
 
