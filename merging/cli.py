@@ -18,6 +18,7 @@ from typing import Callable
 from merging.engine import merge
 from merging.errors import MergeStudioError
 from merging.methods import REGISTRY, REQUIRED, load_plugins
+from merging.model_card import recipe_of
 from merging.recipe import load_stages
 from merging.sources import SourcePolicy
 from merging.stages import final_stage, merge_stages
@@ -87,6 +88,16 @@ def _merge_arguments(run: argparse.ArgumentParser) -> None:
                      help="multi-stage recipes: where named stages are merged (default: OUT_DIR-stages beside the output)")
 
 
+def _recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a merged model: a local folder or a Hub id org/name[@revision]")
+
+
+def cmd_recipe(args) -> int:
+    """Print the recipe a merged model was made with (to run again: python -m merging merge)."""
+    print(recipe_of(args.model).rstrip())
+    return 0
+
+
 def _methods_arguments(methods: argparse.ArgumentParser) -> None:
     methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
 
@@ -154,10 +165,12 @@ def methods_markdown() -> str:
     for name, method in REGISTRY.items():
         spec = method.spec
         params = ", ".join(
-            f"`{p.name}`{'' if p.scope == 'global' else ' (per model)'} = {str(p.default).lower()}"
+            f"`{p.name}`{'' if p.scope == 'global' else ' (per model)'}"
+            + (" (required)" if p.required else f" = {str(p.default).lower()}")
             for p in spec.params if not p.hidden
         )
-        rows.append(f"| [`{name}`]({spec.paper}) | {spec.summary} | {params} |")
+        summary = spec.summary.replace("|", "\\|")  # |x| in a formula would end the table cell
+        rows.append(f"| [`{name}`]({spec.paper}) | {summary} | {params} |")
     return "\n".join(rows)
 
 
@@ -186,7 +199,9 @@ MERGE = Command("merge", "merge the models of a YAML recipe into a new checkpoin
                 "no output folder was written")
 METHODS = Command("methods", "list merge methods with their parameters, defaults and ranges", _methods_arguments,
                   cmd_methods)
-COMMANDS = [MERGE, METHODS]
+RECIPE = Command("recipe", "print the recipe a merged model was made with (its mergekit_config.yml or model card)",
+                 _recipe_arguments, cmd_recipe)
+COMMANDS = [MERGE, METHODS, RECIPE]
 
 
 def main(argv: list[str] | None = None, commands: list[Command] = COMMANDS, prog: str = "python -m merging",

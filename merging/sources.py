@@ -84,6 +84,16 @@ def resolve_model(
     return ResolvedModel(ref, folder, read_config(folder, ref, policy, weights=weights))
 
 
+def model_files(ref: str, patterns: list[str], policy: SourcePolicy = SourcePolicy(),
+                download: Callable[[str, str | None, list[str]], str] = snapshot_download) -> Path:
+    """The folder of ``ref`` holding (at least) its files matching ``patterns``: a local folder as
+    it is, or for a Hub id only those files, fetched (a model card, a recipe: a few KB)."""
+    local = Path(ref).expanduser()
+    if _looks_local(ref) or local.exists():
+        return _local_folder(ref, local, policy)
+    return _hub_folder(ref, policy, download, list(patterns))
+
+
 def _looks_local(ref: str) -> bool:
     name, _ = split_revision(ref)
     return ref.startswith(("/", ".", "~")) or "\\" in ref or not HUB_ID.match(name)

@@ -13,7 +13,8 @@ from pathlib import Path
 import gradio as gr
 
 from merging.calibration import calibration_sources
-from merging.errors import MergeCancelled
+from merging.errors import MergeCancelled, MergeStudioError
+from merging.model_card import recipe_of
 from merging.methods import REGISTRY, Param
 from merging.units import format_bytes
 from studio import recipe_form as form
@@ -51,6 +52,8 @@ class MergeTab:
     yaml_code: gr.Code
     status: gr.Markdown
     upload: gr.UploadButton
+    merged_model: gr.Textbox
+    load_recipe: gr.Button
     run: gr.Button
     stop_button: gr.Button
     summary: gr.Markdown
@@ -91,12 +94,16 @@ def layout(settings: Settings, demo: gr.Blocks) -> MergeTab:
                                 lines=18, buttons=["copy", "download"])
             status = gr.Markdown(_status(start))
             upload = gr.UploadButton("Upload recipe (.yaml)", file_types=[".yaml", ".yml"], size="sm")
+            with gr.Row(equal_height=True):
+                merged_model = gr.Textbox(placeholder="org/merged-model", show_label=False, scale=3,
+                                          info="Load the recipe of a merged model (its mergekit_config.yml or model card)")
+                load_recipe = gr.Button("Load its recipe", size="sm", scale=1)
     with gr.Row():
         run = gr.Button("Merge", variant="primary", scale=3)
         stop_btn = gr.Button("Stop", variant="stop", scale=1)
     summary = gr.Markdown(elem_id="merge-summary", min_height=90)
-    tab = MergeTab(results, recipe, version, stop, method, guide, dtype, seed, yaml_code, status, upload, run, stop_btn,
-                   summary)
+    tab = MergeTab(results, recipe, version, stop, method, guide, dtype, seed, yaml_code, status, upload, merged_model,
+                   load_recipe, run, stop_btn, summary)
     return tab
 
 
@@ -104,6 +111,9 @@ def method_controls(settings: Settings, tab: MergeTab, current: dict) -> None:
     """The controls of the recipe's method (global parameters, then one group per model), each
     wired to edit the recipe as it is made."""
     spec = form.spec_of(current)
+    if form.sliced(current):
+        gr.Markdown("This recipe takes layer ranges of its models (`slices:`): its models and per-slice "
+                    "parameters are edited in the YAML; the method's parameters below apply to every slice.")
     shown = [p for p in spec.global_params() if not p.hidden]
     if shown:
         with gr.Group():
@@ -111,7 +121,7 @@ def method_controls(settings: Settings, tab: MergeTab, current: dict) -> None:
             with gr.Row():
                 for param in shown:
                     _wire_param(tab, _control(param, form.current_value(current, param), True), param, None)
-    for index, entry in enumerate(current.get("models", [])):
+    for index, entry in enumerate(current.get("models", [])):  # a sliced recipe: none
         with gr.Group():
             gr.Markdown(f"**{as_text(session.label_of(settings, entry['model']))}**", padding=True)
             with gr.Row(equal_height=True):  # the calibration column is taller than a weight box
@@ -211,13 +221,15 @@ def pick_option(key: str, value, current: dict):
 
 def typed(text: str, current: dict, version: dict):
     """Typing in the YAML: adopt it when valid (rebuilding the controls only if the method or the
-    models changed), else say what is wrong; never an error dialog while typing."""
+    models changed), else say what is wrong; never an error dialog while typing. A multi-stage
+    recipe is edited in the YAML only (Merge runs every stage)."""
+    if form.stage_names(text):
+        return current, _status(text), version, gr.skip(), gr.skip(), gr.skip(), gr.skip()
     try:
         new = form.parse(text)
     except Exception as exc:  # MergeStudioError, or anything odd the parser meets mid-typing
         return current, f"⚠ {as_text(exc)}", version, gr.skip(), gr.skip(), gr.skip(), gr.skip()
-    same = new["merge_method"] == current["merge_method"] and \
-        [m["model"] for m in new["models"]] == [m["model"] for m in current["models"]]
+    same = new["merge_method"] == current["merge_method"] and form.model_refs(new) == form.model_refs(current)
     return (new, _status(text), version if same else relayout(version), *_header(new))
 
 
@@ -226,8 +238,21 @@ def left(text: str, current: dict, version: dict):
     return version if form.check(text) else relayout(version)
 
 
-def load_file(path: str, version: dict):
-    text = read_upload(path, "recipe", MAX_RECIPE_BYTES)
+def load_file(path: str, current: dict, version: dict):
+    return _adopt(read_upload(path, "recipe", MAX_RECIPE_BYTES), current, version)
+
+
+def load_recipe_of(settings: Settings, model: str, current: dict, version: dict, request: gr.Request):
+    """The recipe a merged model was made with (its mergekit_config.yml or model card), into the editor."""
+    if not model or not model.strip():
+        raise MergeStudioError("give a merged model: a Hub id such as org/name, or one of this session's merges")
+    return _adopt(recipe_of(model.strip(), session.policy(settings, session_hash(request))), current, version)
+
+
+def _adopt(text: str, current: dict, version: dict):
+    """Editor, state and controls for a whole new recipe text (a multi-stage one: the editor only)."""
+    if form.stage_names(text):
+        return current, text, _status(text), version, gr.skip(), gr.skip(), gr.skip(), gr.skip()
     new = form.parse(text)
     return new, text, _status(text), relayout(version), *_header(new)
 
@@ -279,6 +304,11 @@ def _status(recipe: dict | str) -> str:
     problem, ignored = form.review(recipe)
     if problem:
         return f"⚠ {as_text(problem)}"
+    stages = form.stage_names(recipe) if isinstance(recipe, str) else []
+    if stages:
+        valid = (f"✓ a multi-stage recipe: {', '.join(as_text(s) for s in stages)}; Merge runs them in order "
+                 "(the controls show none of them: edit it here)")
+        return "\n\n".join([*(f"⚠ {as_text(note)}" for note in ignored), valid])
     if ignored:
         return "\n\n".join(f"⚠ {as_text(note)}" for note in ignored) + "\n\n✓ valid otherwise: it merges as mergekit would"
     return "✓ valid recipe"
@@ -298,7 +328,10 @@ def wire(tab: MergeTab, settings: Settings, models) -> None:
     tab.yaml_code.input(typed, [tab.yaml_code, tab.recipe, tab.version], [tab.recipe, tab.status, tab.version, *tab.header],
                         trigger_mode="always_last", **QUICK)
     tab.yaml_code.blur(left, [tab.yaml_code, tab.recipe, tab.version], [tab.version], **QUICK)
-    tab.upload.upload(user_errors(load_file), [tab.upload, tab.version], [*tab.edits, tab.version, *tab.header], **UI)
+    tab.upload.upload(user_errors(load_file), [tab.upload, tab.recipe, tab.version], [*tab.edits, tab.version, *tab.header],
+                      **UI)
+    tab.load_recipe.click(handler(load_recipe_of, settings), [tab.merged_model, tab.recipe, tab.version],
+                          [*tab.edits, tab.version, *tab.header], concurrency_id="inspect", concurrency_limit=4, **UI)
     stoppable(tab.run.click, tab.stop, handler(run_merge, settings), [tab.yaml_code, tab.results, tab.stop],
               [tab.summary, tab.results], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     stop_button(tab.stop_button, tab.stop)

@@ -15,7 +15,7 @@ import yaml
 from merging.errors import MergeStudioError
 from merging.methods import REGISTRY, MethodSpec, Param
 from merging.recipe import Recipe, load_recipe
-from merging.recipe import recipe_from_text as parse_recipe_text
+from merging.recipe import stages_from_text as parse_stages_text
 
 DEFAULT_METHOD = "task_arithmetic"
 DTYPE_CHOICES = ("as base", "float32", "bfloat16", "float16")
@@ -68,9 +68,24 @@ def initial(base: str, sources: list[str], names: dict[str, str] | None = None,
     return recipe
 
 
+def sliced(recipe: dict) -> bool:
+    """Whether the recipe picks layer ranges (``slices``): its models are edited in the YAML only."""
+    return "models" not in recipe
+
+
+def model_refs(recipe: dict) -> list[str]:
+    """The models a recipe names, in order (a sliced recipe: every slice's sources)."""
+    if not sliced(recipe):
+        return [m["model"] for m in recipe["models"]]
+    return list(dict.fromkeys(s["model"] for piece in recipe.get("slices", []) for s in piece["sources"]))
+
+
 def with_models(recipe: dict, base: str | None, sources: list[str], names: dict[str, str] | None = None,
                 calibration_tasks: tuple[str, ...] = ()) -> dict:
-    """The recipe over a new base and sources; models kept keep their settings."""
+    """The recipe over a new base and sources; models kept keep their settings. A sliced recipe
+    keeps its own models (the Models tab cannot say which layers to take)."""
+    if sliced(recipe):
+        return copy.deepcopy(recipe)
     spec = spec_of(recipe)
     old = {m["model"]: m for m in recipe.get("models", [])}
     out = copy.deepcopy(recipe)
@@ -125,7 +140,8 @@ def with_method(recipe: dict, method: str, names: dict[str, str] | None = None,
             if calibration:
                 entry["calibration"] = calibration
         models.append(entry)
-    out["models"] = models
+    if not sliced(recipe):
+        out["models"] = models
     if spec.randomized and recipe.get("seed"):
         out["seed"] = recipe["seed"]
     return out
@@ -190,12 +206,20 @@ def to_yaml(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 
-def recipe_from_text(text: str) -> Recipe:
-    """A validated Recipe from YAML text, never from a file (a hosted studio must not let a
-    one-line ``x.yaml`` open a server file)."""
+def stages_from_text(text: str) -> list[Recipe]:
+    """The validated recipe(s) of YAML text, never of a file (a hosted studio must not let a
+    one-line ``x.yaml`` open a server file): one, or the stages of a multi-stage recipe."""
     if not isinstance(text, str) or not text.strip():
         raise MergeStudioError("the recipe is empty; write or paste a YAML recipe, or pick models and a method")
-    return parse_recipe_text(text)
+    return parse_stages_text(text)
+
+
+def recipe_from_text(text: str) -> Recipe:
+    """The one validated Recipe of YAML text (see ``stages_from_text``)."""
+    stages = stages_from_text(text)
+    if len(stages) > 1:
+        raise MergeStudioError(f"this recipe has {len(stages)} stages; give one recipe here")
+    return stages[0]
 
 
 def check(recipe: dict | str) -> str:
@@ -204,12 +228,24 @@ def check(recipe: dict | str) -> str:
 
 
 def review(recipe: dict | str) -> tuple[str, list[str]]:
-    """(the error, or ''; the keys mergekit would ignore) of a recipe dict or YAML text."""
+    """(the error, or ''; the keys mergekit would ignore) of a recipe dict or YAML text (a
+    multi-stage recipe's notes name their stage)."""
     try:
-        loaded = load_recipe(recipe) if isinstance(recipe, dict) else recipe_from_text(recipe)
+        stages = [load_recipe(recipe)] if isinstance(recipe, dict) else stages_from_text(recipe)
     except MergeStudioError as exc:
         return str(exc), []
-    return "", loaded.warnings
+    if len(stages) == 1:
+        return "", stages[0].warnings
+    return "", [f"stage {stage.name or 'output'!r}: {note}" for stage in stages for note in stage.warnings]
+
+
+def stage_names(text: str) -> list[str]:
+    """The stages of a valid multi-stage recipe (the output as 'output'), or [] for one recipe or invalid text."""
+    try:
+        stages = stages_from_text(text)
+    except MergeStudioError:
+        return []
+    return [stage.name or "output" for stage in stages] if len(stages) > 1 else []
 
 
 def parse(text: str) -> dict:

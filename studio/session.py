@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from merging.engine import merge
+from merging.stages import final_stage, merge_stages
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy
 from studio import recipe_form as form
@@ -150,12 +151,16 @@ def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None,
     resolve under the session's policy. The recipe is parsed from text only: a hosted studio must
     not let a one-line ``x.yaml`` open a server file.
     """
-    recipe = form.recipe_from_text(recipe_text)
+    stages = form.stages_from_text(recipe_text)
     home = folder(settings, session_hash)
     prune(settings, keep=home)
-    with reserve_output(home / "merges", recipe.merge_method) as out:
-        result = merge(recipe, out, device=settings.device, policy=policy(settings, session_hash), progress=progress,
-                       cancel=cancel, calibration_progress=calibration_progress)
+    options = dict(device=settings.device, policy=policy(settings, session_hash), progress=progress, cancel=cancel,
+                   calibration_progress=calibration_progress)
+    with reserve_output(home / "merges", final_stage(stages).merge_method) as out:
+        if len(stages) == 1:
+            result = merge(stages[0], out, **options)
+        else:  # named stages go to the session's stages/ folder, reused when unchanged
+            result = merge_stages(stages, out, intermediate_dir=home / "stages", **options)
     return {"name": out.name, **result.summary()}
 
 

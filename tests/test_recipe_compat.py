@@ -156,3 +156,56 @@ def test_a_failing_stage_is_named_and_a_stage_cannot_use_a_later_one(llama_famil
     assert "comes after it" in error_line(run_cli("merge", tmp_path / "backwards.yaml", tmp_path / "out2"))
     with pytest.raises(RecipeError, match="except, at most, the final one"):
         load_stages("merge_method: linear\nmodels: [a/b]\n---\nmerge_method: linear\nmodels: [c/d]\n")
+
+
+def test_the_recipe_of_a_merged_model_is_printed_and_runs_again(llama_family, tmp_path):
+    text = f"merge_method: linear\nmodels:\n  - model: {llama_family.finetuned[0]}\n  - model: {llama_family.finetuned[1]}\n"
+    (tmp_path / "recipe.yaml").write_text(text)
+    assert run_cli("merge", tmp_path / "recipe.yaml", tmp_path / "ours", "--quiet").returncode == 0
+    printed = run_cli("recipe", tmp_path / "ours")
+    assert printed.returncode == 0 and load_recipe(printed.stdout).merge_method == "linear"
+    # what mergekit leaves: mergekit_config.yml, or only a model card with the recipe in a YAML block
+    mergekit_style = tmp_path / "mergekit-style"
+    mergekit_style.mkdir()
+    (mergekit_style / "README.md").write_text(
+        "---\nbase_model: []\ntags: [mergekit]\n---\n# A merge\n\n```yaml\n" + text.replace("linear", "linear  # ours") + "```\n")
+    card = run_cli("recipe", mergekit_style)
+    assert card.returncode == 0 and "merge_method: linear" in card.stdout
+    (mergekit_style / "mergekit_config.yml").write_text(text)
+    assert run_cli("recipe", mergekit_style).stdout.strip() == text.strip()
+    (tmp_path / "again.yaml").write_text(run_cli("recipe", mergekit_style).stdout)
+    assert run_cli("merge", tmp_path / "again.yaml", tmp_path / "again", "--quiet").returncode == 0
+    assert load_model_tensors(tmp_path / "again").keys() == load_model_tensors(tmp_path / "ours").keys()
+    empty = tmp_path / "plain"
+    empty.mkdir()
+    assert "has no recipe" in error_line(run_cli("recipe", empty))
+
+
+def test_the_studio_merges_a_multi_stage_recipe_and_loads_a_merged_models_recipe(llama_family, tmp_path):
+    from gradio_client import Client
+    from playwright.sync_api import sync_playwright
+
+    from studio import Settings
+    from test_browser_studio import CHROMIUM, TIMEOUT_MS
+    from test_studio import launch
+
+    settings = Settings(work_dir=tmp_path / "work", device="cpu").with_models(
+        {"base": llama_family.base, "a": llama_family.finetuned[0], "b": llama_family.finetuned[1]})
+    demo, url = launch(settings)
+    try:
+        text = MULTI_STAGE.format(base=llama_family.base, a=llama_family.finetuned[0], b=llama_family.finetuned[1])
+        summary = Client(url, verbose=False).predict(text, api_name="/merge_recipe")
+        assert summary["method"] == "slerp" and summary["tensors"] > 0
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.get_by_role("tab", name="Merge").click()
+            page.get_by_placeholder("org/merged-model").fill(summary["output"])
+            page.get_by_role("button", name="Load its recipe").click()
+            page.wait_for_function("() => document.querySelector('.cm-content').innerText.includes('merge_method: slerp')")
+            page.get_by_text("✓ valid recipe").wait_for()
+            browser.close()
+    finally:
+        demo.close()
