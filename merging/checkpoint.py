@@ -143,21 +143,26 @@ class CheckpointReader:
     code runs.
     """
 
-    def __init__(self, folder: Path, *, allow_pickle: bool = False, label: str | None = None):
+    def __init__(self, folder: Path, *, allow_pickle: bool = False, label: str | None = None,
+                 files: list[Path] | None = None):
+        """``files``: read exactly these weight files (``*.safetensors``, or pickles), not the folder's
+        checkpoint (a LoRA adapter's ``adapter_model.safetensors``)."""
         self.folder = Path(folder)
         self.label = label or str(folder)
         self._entries: dict[str, _Entry] = {}
         self._fds: dict[Path, int] = {}
         self._pickled: dict[str, torch.Tensor] = {}
-        files = safetensors_files(self.folder)
-        if files:
-            for path in files:
+        chosen = [Path(f) for f in files] if files is not None else None
+        safe = safetensors_files(self.folder) if chosen is None else [f for f in chosen if f.suffix == ".safetensors"]
+        pickles = pickle_files(self.folder) if chosen is None else [f for f in chosen if f.suffix != ".safetensors"]
+        if safe:
+            for path in safe:
                 for entry in read_safetensors_header(path, self.label):
                     self._entries[entry.info.name] = entry
-        elif pickle_files(self.folder):
+        elif pickles:
             if not allow_pickle:
                 raise CheckpointError(pickle_refusal(self.label))
-            self._load_pickles(pickle_files(self.folder))
+            self._load_pickles(pickles)
         else:
             raise CheckpointError(f"{self.label}: no weights found (no *.safetensors files); is this a model folder?")
 
