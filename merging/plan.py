@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from merging.adapters import open_reader
 from merging.checkpoint import CheckpointReader, TensorInfo
 from merging.errors import CheckpointError, RecipeError
 from merging.recipe import ModelEntry, OutputSlice, Recipe, entries_for, resolve, slice_base
@@ -87,9 +88,6 @@ def check_supported(recipe: Recipe) -> None:
         missing.append("merging vocabularies (tokenizer source 'union', 'tokens', 'pad_to_multiple_of')")
     if recipe.chat_template:
         missing.append("setting a chat template ('chat_template:')")
-    lora = next((ref for ref in recipe.referenced_models() if "+" in ref), None)
-    if lora:
-        missing.append(f"LoRA references (model+adapter: {lora})")
     if missing:
         raise CheckpointError(f"this recipe uses {', '.join(missing)}, which Merge Studio does not run yet")
 
@@ -103,10 +101,14 @@ def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) ->
     """
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
     check_configs(models)
+    adapted = next((m.ref for m in models.models.values() if getattr(m, "adapter", None)), None)
+    if adapted and recipe.method.calibration:
+        raise CheckpointError(f"{recipe.merge_method} calibrates whole models, which does not apply LoRA adapters yet "
+                              f"({adapted}): merge the adapter into its base first and name that folder")
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy))
     try:
         for model in models.models.values():
-            models.readers[model.ref] = CheckpointReader(model.folder, allow_pickle=policy.allow_pickle, label=model.ref)
+            models.readers[model.ref] = open_reader(model, allow_pickle=policy.allow_pickle, label=model.ref)
     except BaseException:
         models.close()
         raise

@@ -1,9 +1,13 @@
 """Model references -> local folders of weights, with the safety policy applied.
 
-A reference is a local folder or a Hub repo id (``org/name``, optionally ``@revision``). Hub
+A reference is a local folder or a Hub repo id (``org/name``, optionally ``@revision``), or
+mergekit's LoRA reference ``BASE+ADAPTER``: a base model with a PEFT LoRA adapter (folder or Hub
+repo) applied; a PEFT adapter named alone brings its base from its ``adapter_config.json``. Hub
 repos are downloaded with ``huggingface_hub.snapshot_download`` restricted to safetensors,
 JSON and tokenizer files, so pickles and code never reach the disk. ``trust_remote_code`` is
-never used anywhere: only the config's declared architecture is read. In hosted mode local
+never used anywhere: only the config's declared architecture is read. An adapter's Hub repo
+gives only ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_model.bin`` only
+with ``allow_pickle``); the adapter is applied while reading (``merging.adapters``). In hosted mode local
 paths are refused unless they lie inside an explicitly allowed root (the demo cache, the
 merge outputs), so users of a public Space cannot read server files through path inputs.
 """
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from merging.adapters import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, adapter_weights, read_config as read_adapter_config
 from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
 from merging.errors import SourceError
 from merging.units import format_bytes
@@ -38,9 +43,15 @@ class SourcePolicy:
 
 @dataclass(frozen=True)
 class ResolvedModel:
+    """A reference resolved to a checked local folder. With ``adapter`` (a PEFT LoRA adapter's folder),
+    the model is ``folder``'s weights with the adapter applied (``merging.adapters.open_reader``);
+    ``folder`` and ``config`` are the base's, so config and tokenizer come from the base, as in
+    mergekit. Code that loads ``folder`` whole must check ``adapter`` first."""
+
     ref: str
     folder: Path
     config: dict
+    adapter: Path | None = None
 
     @property
     def architecture(self) -> str:
@@ -74,14 +85,75 @@ def resolve_model(
 
     With ``weights=False`` only the JSON files (config, tokenizer config) of a Hub repo are
     fetched, so recipes can be checked for compatibility before gigabytes are downloaded.
+    ``BASE+ADAPTER`` (mergekit's LoRA reference; a path that exists with a '+' in its name stays a
+    path) and a PEFT adapter named alone resolve to the base's folder with ``adapter`` set; the
+    adapter's config is checked (``merging.adapters.read_config``) before any weight is fetched.
     """
+    parts = _lora_parts(ref)
+    if parts is None:
+        return _resolve_one(ref, policy, download, weights)
+    base_ref, adapter_ref = parts
+    base = _resolve_one(base_ref, policy, download, weights)
+    if base.adapter is not None:
+        raise SourceError(f"{ref!r}: {base_ref!r} is itself a LoRA adapter; write BASE+ADAPTER with a full model as BASE")
+    return ResolvedModel(ref, base.folder, base.config, _adapter_folder(adapter_ref, ref, policy, download, weights))
+
+
+def _lora_parts(ref: str) -> tuple[str, str] | None:
+    """(base, adapter) of a ``BASE+ADAPTER`` reference, or None for a plain one."""
+    if "+" not in ref or Path(ref).expanduser().exists():
+        return None
+    base, adapter = ref.split("+", 1)
+    return base, adapter
+
+
+def _resolve_one(ref: str, policy: SourcePolicy, download, weights: bool) -> ResolvedModel:
+    """A plain reference: a model folder or Hub repo, or a PEFT adapter named alone (it has an
+    ``adapter_config.json`` and no ``config.json``), applied to the base it names."""
     local = Path(ref).expanduser()
     if _looks_local(ref) or local.exists():
         folder = _local_folder(ref, local, policy)
     else:
         patterns = None if weights else CONFIG_PATTERNS
         folder = _hub_folder(ref, policy, download, patterns)
+    if not (folder / "config.json").is_file() and (folder / ADAPTER_CONFIG).is_file():
+        config = read_adapter_config(folder, repr(ref))
+        base_ref, revision = config.get("base_model_name_or_path"), config.get("revision")
+        if not base_ref or not isinstance(base_ref, str):
+            raise SourceError(f"{ref!r} is a LoRA adapter that does not name its base model "
+                              "(base_model_name_or_path); write it as BASE+ADAPTER")
+        base_ref = f"{base_ref}@{revision}" if isinstance(revision, str) and revision and "@" not in base_ref else base_ref
+        base = _resolve_one(base_ref, policy, download, weights)
+        if base.adapter is not None:
+            raise SourceError(f"{ref!r}: its base {base_ref!r} is itself a LoRA adapter; write BASE+ADAPTER")
+        return ResolvedModel(ref, base.folder, base.config, _adapter_folder(ref, ref, policy, download, weights))
     return ResolvedModel(ref, folder, read_config(folder, ref, policy, weights=weights))
+
+
+def adapter_patterns(policy: SourcePolicy, weights: bool = True) -> list[str]:
+    """The files of an adapter's Hub repo that are fetched: its config, and with ``weights`` its
+    safetensors weights (the pickle only if ``allow_pickle``)."""
+    if not weights:
+        return [ADAPTER_CONFIG]
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + ([ADAPTER_PICKLE] if policy.allow_pickle else [])
+
+
+def _adapter_folder(adapter_ref: str, ref: str, policy: SourcePolicy, download, weights: bool) -> Path:
+    """The checked local folder of a PEFT LoRA adapter (``ref`` names the whole reference)."""
+    local = Path(adapter_ref).expanduser()
+    if _looks_local(adapter_ref) or local.exists():
+        folder = _local_folder(adapter_ref, local, policy)
+    else:
+        repo_id, revision = split_revision(adapter_ref)
+        if weights and policy.max_model_bytes is not None:
+            check_size(repo_id, revision, policy.max_model_bytes)
+        folder = _hub_folder(adapter_ref, policy, download, adapter_patterns(policy, weights))
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise SourceError(f"{ref!r}: {adapter_ref!r} is not a PEFT adapter (it has no {ADAPTER_CONFIG})")
+    read_adapter_config(folder, repr(ref))
+    if weights:
+        adapter_weights(folder, repr(ref), allow_pickle=policy.allow_pickle)
+    return folder
 
 
 def model_files(ref: str, patterns: list[str], policy: SourcePolicy = SourcePolicy(),
@@ -115,6 +187,11 @@ def check_local_access(ref: str, policy: SourcePolicy) -> None:
     For callers that resolve under a wider policy than the user's own, such as the shared chat
     pool (it serves every session's merges), to check the user's policy first.
     """
+    parts = _lora_parts(ref)
+    if parts is not None:
+        for part in parts:
+            check_local_access(part, policy)
+        return
     path = Path(ref).expanduser()
     if (_looks_local(ref) or path.exists()) and not allowed_path(path, policy):
         raise SourceError(

@@ -351,11 +351,13 @@ def test_invalid_yaml_names_the_line(tmp_path, llama, out):
     assert "line 5" in message
 
 
-def test_lora_reference_not_supported(tmp_path, llama, out):
-    recipe = linear_recipe(llama.finetuned[0], f"{llama.finetuned[1]}+some/adapter")
+def test_lora_reference_to_a_folder_that_is_not_an_adapter(tmp_path, llama, out):
+    """LoRA references run (tests/test_lora_refs.py); one whose adapter part is no PEFT adapter says so."""
+    folder = tmp_path / "not-an-adapter"
+    folder.mkdir()
+    recipe = linear_recipe(llama.finetuned[0], f"{llama.finetuned[1]}+{folder}")
     message = merge_error(tmp_path, recipe, out)
-    assert "LoRA" in message and "does not run yet" in message
-    assert "+some/adapter" in message
+    assert f"+{folder}" in message and "not a PEFT adapter" in message and "adapter_config.json" in message
 
 
 # -- the output folder ------------------------------------------------------------------------
