@@ -43,6 +43,16 @@ MERGES = [
     ("dare_ties density 0.1, w=1", "dare_ties", {"weight": 1.0, "density": 0.1}, {}),
     ("dare_ties density 0.3, w=1", "dare_ties", {"weight": 1.0, "density": 0.3}, {}),
     ("breadcrumbs density 0.2, w=1", "breadcrumbs", {"weight": 1.0, "density": 0.2, "gamma": 0.01}, {}),
+    ("breadcrumbs_ties density 0.2, w=1", "breadcrumbs_ties", {"weight": 1.0, "density": 0.2, "gamma": 0.01}, {}),
+    ("della density 0.3, epsilon 0.1, w=1", "della", {"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {}),
+    ("della_linear density 0.3, epsilon 0.1, w=0.5", "della_linear", {"weight": 0.5, "density": 0.3, "epsilon": 0.1}, {}),
+    ("sce select_topk 1.0 (defaults)", "sce", {}, {}),
+    ("sce select_topk 0.3", "sce", {}, {"select_topk": 0.3}),
+    ("model_stock", "model_stock", {}, {}),
+    ("multislerp (equal weights)", "multislerp", {"weight": 1.0}, {}),
+    ("karcher", "karcher", {}, {}),
+    ("ram", "ram", {}, {}),
+    ("ramplus_tl", "ramplus_tl", {}, {}),
     # data-aware: each expert calibrated on its own task's training conversations
     ("fisher (calibration: own task)", "fisher", {"weight": 1.0}, {}),
     ("regmean α=0.9 (calibration: own task)", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 0.9}),
@@ -61,7 +71,7 @@ def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_par
     for name in experts:
         lines.append(f"  - model: {family[name]}")
         lines.append(f"    parameters: {json.dumps(per_model)}")
-        if method in ("fisher", "regmean"):
+        if REGISTRY[method].spec.calibration:
             lines.append(f"    calibration: {name}")  # the expert's own training conversations
     if global_params:
         lines.append(f"parameters: {json.dumps(global_params)}")

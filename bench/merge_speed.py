@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -47,7 +48,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from tests.support.families import build_family  # noqa: E402
 
-METHODS = ("ties", "dare_ties", "linear")
+METHODS = ("ties", "dare_ties", "linear", "task_arithmetic", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+           "della", "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "nearswap",
+           "arcee_fusion", "ram", "ramplus_tl", "passthrough")  # every method of mergekit 0.1.5
+DEFAULT_METHODS = ("ties", "dare_ties", "linear")
 TOOLS = ("ours", "mergekit")
 
 #: Family shapes. "170m": Llama, hidden 768, 12 layers, MLP 3072, vocab 32000, untied
@@ -66,24 +70,44 @@ GB = 1e9
 # --------------------------------------------------------------------------- recipes
 
 
+def recipe_for(method: str, base: Path, finetuned: list[Path]) -> dict:
+    """The recipe both tools run for ``method``: typical settings, the same for both."""
+    def entries(models, **parameters):
+        return [{"model": str(m), **({"parameters": dict(parameters)} if parameters else {})} for m in models]
+
+    origin = {"base_model": str(base)}
+    ft, first, pair = finetuned, finetuned[:1], finetuned[:2]
+    recipes = {
+        "linear": {"models": entries([base, *ft], weight=1.0)},  # no base: a plain mean of base + fine-tunes
+        "task_arithmetic": {**origin, "models": entries(ft, weight=0.5)},
+        "ties": {**origin, "models": entries(ft, weight=0.5, density=0.5)},
+        "dare_ties": {**origin, "models": entries(ft, weight=0.5, density=0.5)},
+        "dare_linear": {**origin, "models": entries(ft, weight=0.5, density=0.5)},
+        "breadcrumbs": {**origin, "models": entries(ft, weight=0.5, density=0.5, gamma=0.01)},
+        "breadcrumbs_ties": {**origin, "models": entries(ft, weight=0.5, density=0.5, gamma=0.01)},
+        "della": {**origin, "models": entries(ft, weight=0.5, density=0.5, epsilon=0.1)},
+        "della_linear": {**origin, "models": entries(ft, weight=0.5, density=0.5, epsilon=0.1)},
+        "sce": {**origin, "models": entries(ft), "parameters": {"select_topk": 0.5}},
+        "model_stock": {**origin, "models": entries(ft)},
+        "slerp": {**origin, "models": entries([base, *first]), "parameters": {"t": 0.5}},
+        "nuslerp": {**origin, "models": entries(pair, weight=0.5)},
+        "multislerp": {**origin, "models": entries(ft, weight=1.0)},
+        "karcher": {"models": entries(ft)},
+        "nearswap": {**origin, "models": entries(first), "parameters": {"t": 0.0001}},
+        "arcee_fusion": {**origin, "models": entries(first)},
+        "ram": {**origin, "models": entries(ft)},
+        "ramplus_tl": {**origin, "models": entries(ft)},
+        "passthrough": {"models": entries(first)},
+    }
+    if method not in recipes:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return {"merge_method": method, **recipes[method], "dtype": "bfloat16"}
+
+
 def write_recipe(path: Path, method: str, base: Path, finetuned: list[Path]) -> Path:
     """Write the recipe YAML for ``method`` (shared by both tools) and return its path."""
-    lines = [f"merge_method: {method}"]
-    if method == "linear":
-        # No base model: a plain (normalised) weighted average of base + fine-tunes.
-        lines.append("models:")
-        for model in [base, *finetuned]:
-            lines += [f"  - model: {model}", "    parameters: {weight: 1.0}"]
-    elif method in ("ties", "dare_ties"):
-        lines.append(f"base_model: {base}")
-        lines.append("models:")
-        for model in finetuned:
-            lines += [f"  - model: {model}", "    parameters: {weight: 0.5, density: 0.5}"]
-    else:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    lines.append("dtype: bfloat16")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(yaml.safe_dump(recipe_for(method, base, finetuned), sort_keys=False))
     return path
 
 
@@ -354,8 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "merge_studio_bench",
                    help="where the family, recipes, outputs and logs go (default: %(default)s)")
     p.add_argument("--size", choices=sorted(SIZES), default="170m")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated subset of %s (default: all)" % ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated methods, or 'all' (every method of mergekit 0.1.5: %s); default %s"
+                        % (",".join(METHODS), ",".join(DEFAULT_METHODS)))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="measured runs per tool and method")
     p.add_argument("--warmup", action="store_true",
@@ -366,7 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-args", default="", help="extra arguments for our CLI, shell-quoted; use the = form: --ours-args='--foo 1'")
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, shell-quoted; use the = form: --mergekit-args=--lazy-unpickle")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {METHODS}")

@@ -387,7 +387,7 @@ class ModelPool:
     def _resolve(self, ref: str) -> Path:
         if ref in self._hub_folders:
             return self._hub_folders[ref]
-        folder = resolve_model(ref, self.policy, self._download).folder.resolve()
+        folder = resolve_model(ref, self.policy, self._download).whole_folder().resolve()
         if not Path(ref).expanduser().exists():  # downloaded: remember it (the Hub is asked once per pool)
             self._hub_folders[ref] = folder
         return folder

@@ -458,9 +458,10 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtype: torch.dtype | None,
+def copy_support_files(source: Path, tokenizer_source: Path | None, out_dir: Path, dtype: torch.dtype | None,
                        config_updates: dict | None = None) -> None:
-    """Copy config and generation config from ``source`` and tokenizer files from ``tokenizer_source``.
+    """Copy config and generation config from ``source`` and tokenizer files from ``tokenizer_source``
+    (None: the caller writes the tokenizer).
 
     The config's dtype is set to the dtype actually written, so ``from_pretrained`` with
     ``dtype="auto"`` loads what is on disk; ``config_updates`` (e.g. a frankenmerge's number of
@@ -478,6 +479,6 @@ def copy_support_files(source: Path, tokenizer_source: Path, out_dir: Path, dtyp
                 config["torch_dtype"] = dtype_name
         config.update(config_updates or {})
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if tokenizer_source is not None else ():
         if (tokenizer_source / name).is_file():
             shutil.copyfile(tokenizer_source / name, out_dir / name)

@@ -34,6 +34,7 @@ from merging.recipe import Recipe
 from merging.runtime import pick_device
 from merging.sources import SourcePolicy, resolve_model
 from merging.units import parse_size
+from merging.vocabulary import Vocabulary, build_vocabulary, output_tokenizer
 
 ProgressFn = Callable[[int, int, str], None]
 CalibrationProgressFn = Callable[[str, int, int], None]  # (model reference, examples done, total)
@@ -88,16 +89,25 @@ def merge(
     models = open_inputs(recipe, policy, resolver)
     stats = None
     try:
-        plans = plan_tensors(recipe, models)
+        vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in models.models.items()}, models.reference.ref,
+                                      {ref: m.config.get("vocab_size") for ref, m in models.models.items()},
+                                      models.tokenizer.folder)
+        plans = plan_tensors(recipe, models, vocabulary.size if vocabulary else None)
         stats = calibrate_inputs(recipe, models, policy, device, calibration_progress, cancel)
         protected = [m.folder for m in [models.tokenizer, *models.models.values()]]
+        protected += [m.adapter for m in models.models.values() if m.adapter is not None]  # adapters are sources too
         with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
             writer = StreamingWriter(temp, [p.out for p in plans], max_shard)
             try:
-                _stream(recipe, method, models, plans, writer, compute, progress, cancel, stats)
+                _stream(recipe, method, models, plans, writer, compute, progress, cancel, stats, vocabulary)
                 shards = writer.finish()
-                copy_support_files(models.reference.folder, models.tokenizer.folder, temp, recipe.output_dtype,
-                                   config_updates(recipe, models))
+                tokenizer = output_tokenizer(recipe, vocabulary, models.tokenizer.folder,
+                                             [m.folder for m in models.models.values()])
+                updates = {**config_updates(recipe, models), **({"vocab_size": vocabulary.size} if vocabulary else {})}
+                copy_support_files(models.reference.folder, None if tokenizer else models.tokenizer.folder, temp,
+                                   recipe.output_dtype, updates)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(temp)
                 write_model_card(temp, recipe)
             except OSError as exc:
                 raise CheckpointError(
@@ -157,7 +167,8 @@ def calibrate_inputs(recipe: Recipe, models: ModelSet, policy: SourcePolicy, dev
     return opened
 
 
-def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None) -> None:
+def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None,
+            vocabulary: Vocabulary | None = None) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
     kind = recipe.method.calibration
 
@@ -171,6 +182,11 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
             return models.reader(plan.inputs[0].model).get(plan.inputs[0].name), None, None
         base = read(plan.base) if plan.base else None
         tensors = [read(source) for source in plan.inputs]
+        if plan.vocabulary:  # each model's rows re-indexed to the output tokenizer (mergekit's alignment)
+            aligned = vocabulary.align({s.model: t for s, t in zip([*plan.inputs, *([plan.base] if base is not None else [])],
+                                                                [*tensors, *([base] if base is not None else [])])})
+            tensors = [aligned[source.model] for source in plan.inputs]
+            base = aligned[plan.base.model] if base is not None else None
         extra = [kind.tensor_stats(entry, source.name, compute) for entry, source in zip(stats, plan.inputs)] if stats else None
         return None, base, (tensors, extra)
 

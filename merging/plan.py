@@ -17,6 +17,7 @@ from merging.checkpoint import CheckpointReader, TensorInfo
 from merging.errors import CheckpointError, RecipeError
 from merging.recipe import ModelEntry, OutputSlice, Recipe, entries_for, resolve, slice_base
 from merging.sources import ResolvedModel, SourcePolicy, resolve_model
+from merging.vocabulary import is_vocabulary_tensor
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -48,6 +49,7 @@ class TensorPlan:
     base: Source | None = None
     model_scopes: tuple[tuple[dict, ...], ...] = ()
     global_scopes: tuple[dict, ...] = ()
+    vocabulary: bool = False  # indexed by token: the inputs are aligned to the output tokenizer first
 
 
 @dataclass
@@ -83,11 +85,6 @@ def check_supported(recipe: Recipe) -> None:
     missing = []
     if recipe.slices is not None and recipe.method.calibration:
         missing.append(f"layer slices with {recipe.merge_method}, which calibrates whole models (use 'models:')")
-    if recipe.tokenizer and (recipe.tokenizer.source == "union" or recipe.tokenizer.tokens
-                             or recipe.tokenizer.pad_to_multiple_of is not None):
-        missing.append("merging vocabularies (tokenizer source 'union', 'tokens', 'pad_to_multiple_of')")
-    if recipe.chat_template:
-        missing.append("setting a chat template ('chat_template:')")
     if missing:
         raise CheckpointError(f"this recipe uses {', '.join(missing)}, which Merge Studio does not run yet")
 
@@ -100,7 +97,7 @@ def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) ->
     the weights.
     """
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
-    check_configs(models)
+    check_configs(models, vocabularies_may_differ=recipe.tokenizer is not None)
     adapted = next((m.ref for m in models.models.values() if getattr(m, "adapter", None)), None)
     if adapted and recipe.method.calibration:
         raise CheckpointError(f"{recipe.merge_method} calibrates whole models, which does not apply LoRA adapters yet "
@@ -130,19 +127,21 @@ def _resolve_all(recipe: Recipe, resolve_one) -> ModelSet:
         inputs = [get(ref) for ref in recipe.referenced_models() if ref != recipe.base_model]
     merged = {ref: get(ref) for ref in recipe.referenced_models()}  # not the tokenizer source: it only gives files
     reference = base or inputs[0]
-    tokenizer = reference if recipe.tokenizer_source in (None, "base") else get(recipe.tokenizer_source)
+    named = recipe.tokenizer_source not in (None, "base", "union")  # a model's tokenizer (else the reference's files)
+    tokenizer = get(recipe.tokenizer_source) if named else reference
     return ModelSet(reference, base, inputs, tokenizer, models=merged)
 
 
-def check_configs(models: ModelSet) -> None:
-    """Architecture and vocabulary checks from config.json alone, before any weight is read."""
+def check_configs(models: ModelSet, *, vocabularies_may_differ: bool = False) -> None:
+    """Architecture and vocabulary checks from config.json alone, before any weight is read
+    (with a tokenizer setting, vocabularies may differ: they are aligned to the output's)."""
     for other in models.models.values():
-        problem = config_mismatch(models.reference, other)
+        problem = config_mismatch(models.reference, other, vocabularies_may_differ)
         if problem:
             raise CheckpointError(problem)
 
 
-def config_mismatch(ref, other) -> str | None:
+def config_mismatch(ref, other, vocabularies_may_differ: bool = False) -> str | None:
     """Why ``other`` cannot be merged with ``ref`` judging by their configs, or None.
 
     Both have ``.ref``, ``.architecture`` and ``.config`` (a ResolvedModel, or the studio's
@@ -154,15 +153,17 @@ def config_mismatch(ref, other) -> str | None:
             f"{other.architecture}; only models of the same architecture can be merged"
         )
     ours, theirs = ref.config.get("vocab_size"), other.config.get("vocab_size")
-    if ours is not None and theirs is not None and ours != theirs:
+    if ours is not None and theirs is not None and ours != theirs and not vocabularies_may_differ:
         return vocabulary_message(ref.ref, ours, other.ref, theirs)
     return None
 
 
-def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_shapes: dict) -> str | None:
+def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_shapes: dict,
+                    vocabularies_may_differ: bool = False) -> str | None:
     """Why two checkpoints' tensors (name -> shape) cannot be merged: a tensor only ``other``
-    has, or a shape that differs; None when they fit. (Tensors only the reference has are
-    judged by the caller: the engine copies them when no input has them.)"""
+    has, or a shape that differs (with a tokenizer setting, vocabulary tensors may differ in
+    their token axis); None when they fit. (Tensors only the reference has are judged by the
+    caller: the engine copies them when no input has them.)"""
     stray = next((name for name in other_shapes if name not in ref_shapes), None)
     if stray is not None:
         return f"tensor {stray} is in {other_label} but not in {ref_label}; the checkpoints do not have the same layout"
@@ -170,7 +171,9 @@ def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_sh
         theirs = other_shapes.get(name)
         if theirs is None or tuple(theirs) == tuple(shape):
             continue
-        if _is_vocabulary_tensor(name) and tuple(theirs[1:]) == tuple(shape[1:]):
+        if is_vocabulary_tensor(name, tuple(shape), None) and tuple(theirs[1:]) == tuple(shape[1:]):
+            if vocabularies_may_differ:
+                continue
             return vocabulary_message(ref_label, shape[0], other_label, theirs[0])
         return (
             f"tensor {name} has shape {list(shape)} in {ref_label} but {list(theirs)} in {other_label}; "
@@ -181,17 +184,26 @@ def layout_mismatch(ref_label: str, ref_shapes: dict, other_label: str, other_sh
 
 def vocabulary_message(ref_a: str, size_a, ref_b: str, size_b) -> str:
     return (
-        f"vocabulary sizes differ: {ref_a} has {size_a} tokens, {ref_b} has {size_b}. Merging models "
-        "with different vocabularies (tokenizer merging) is not supported yet. Merge only fine-tunes "
-        "that kept the base's tokenizer; the output takes the tokenizer of the base model, or of the "
-        "model named by 'tokenizer_source', which must have the same vocabulary size."
+        f"vocabulary sizes differ: {ref_a} has {size_a} tokens, {ref_b} has {size_b}. To merge models whose "
+        "vocabularies differ, say which tokenizer the output takes: 'tokenizer_source: union' (every "
+        "model's tokens), 'base', or a model; each model's embedding rows are then aligned to it, as mergekit does"
     )
 
 
-def plan_tensors(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
-    """Check every input tensor and decide how each output tensor is made."""
-    if recipe.slices is not None:
-        return plan_slices(recipe, models)
+def plan_tensors(recipe: Recipe, models: ModelSet, vocabulary_size: int | None = None) -> list[TensorPlan]:
+    """Check every input tensor and decide how each output tensor is made. With a tokenizer
+    setting (``vocabulary_size``: the output's rows), vocabulary tensors take that many rows."""
+    plans = plan_slices(recipe, models) if recipe.slices is not None else _plan_models(recipe, models)
+    if vocabulary_size is not None:
+        ref_size = models.reference.config.get("vocab_size")
+        for plan in plans:
+            if plan.merged and is_vocabulary_tensor(plan.out.name, plan.out.shape, ref_size):
+                plan.out = TensorInfo(plan.out.name, (vocabulary_size, *plan.out.shape[1:]), plan.out.dtype)
+                plan.vocabulary = True
+    return plans
+
+
+def _plan_models(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
     ref_reader = models.reader(models.reference)
     out_dtype = recipe.output_dtype
     num_layers = _layer_count(models.reference.config, ref_reader.names())
@@ -200,7 +212,8 @@ def plan_tensors(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
     names = ref_reader.names()
     ref_shapes = {name: ref_reader.info(name).shape for name in names}
     for model, reader in input_readers:
-        problem = layout_mismatch(models.reference.ref, ref_shapes, model.ref, {n: reader.info(n).shape for n in reader.names()})
+        problem = layout_mismatch(models.reference.ref, ref_shapes, model.ref, {n: reader.info(n).shape for n in reader.names()},
+                                  recipe.tokenizer is not None)
         if problem:
             raise CheckpointError(problem)
     origin = models.base if models.base and recipe.method.base == "origin" else None
@@ -252,7 +265,7 @@ def plan_slices(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
                 sources = [Source(e.model, template.format(starts[e.model] + i)) for e in entries]
                 origin = Source(base, template.format(starts[base] + i)) if spec.base == "origin" and base else None
                 plans.append(_slice_tensor(models, out_name, sources, origin, t, scopes, (piece.parameters, recipe.parameters),
-                                           out_dtype))
+                                           out_dtype, recipe.tokenizer is not None))
             layer += 1
     first, last = recipe.slices[0], recipe.slices[-1]
     for name in outside:
@@ -261,7 +274,7 @@ def plan_slices(recipe: Recipe, models: ModelSet) -> list[TensorPlan]:
         scopes = tuple((entry.parameters, piece.parameters, recipe.parameters) for entry in entries)
         origin = Source(base, name) if spec.base == "origin" and base else None
         plans.append(_slice_tensor(models, name, [Source(e.model, name) for e in entries], origin, 0.0, scopes,
-                                   (piece.parameters, recipe.parameters), out_dtype))
+                                   (piece.parameters, recipe.parameters), out_dtype, recipe.tokenizer is not None))
     return sorted(plans, key=lambda plan: _output_order(plan.out.name))
 
 
@@ -278,8 +291,9 @@ def slice_inputs(recipe: Recipe, piece: OutputSlice, index: int) -> tuple[str | 
 
 
 def _slice_tensor(models: ModelSet, out_name: str, sources: list[Source], origin: Source | None, t: float,
-                  model_scopes: tuple, global_scopes: tuple, out_dtype) -> TensorPlan:
-    """One output tensor of a slice recipe, its inputs checked to exist and agree in shape."""
+                  model_scopes: tuple, global_scopes: tuple, out_dtype, vocabularies_may_differ: bool) -> TensorPlan:
+    """One output tensor of a slice recipe, its inputs checked to exist and agree in shape (a
+    vocabulary tensor's token axis may differ when the recipe sets the tokenizer)."""
     first = None
     for source in [*sources, *([origin] if origin else [])]:
         reader = models.reader(source.model)
@@ -287,7 +301,9 @@ def _slice_tensor(models: ModelSet, out_name: str, sources: list[Source], origin
             raise CheckpointError(f"tensor {source.name} is not in {source.model}; the models of a slice must "
                                   "share the architecture's tensors")
         info = reader.info(source.name)
-        if first is not None and tuple(info.shape) != tuple(first.shape):
+        same = tuple(info.shape[1:]) == tuple(first.shape[1:]) if first is not None and vocabularies_may_differ \
+            and is_vocabulary_tensor(source.name, tuple(info.shape), None) else first is None or tuple(info.shape) == tuple(first.shape)
+        if not same:
             raise CheckpointError(f"tensor {source.name} has shape {list(info.shape)} in {source.model} but "
                                   f"{list(first.shape)} in {sources[0].model}; these layers cannot be merged")
         first = first or info
@@ -344,10 +360,6 @@ def config_updates(recipe: Recipe, models: ModelSet) -> dict:
 def _per_layer(config: dict, key: str, fallback: list) -> list:
     value = config.get(key)
     return value if isinstance(value, list) else fallback
-
-
-def _is_vocabulary_tensor(name: str) -> bool:
-    return any(part in name for part in ("embed", "lm_head", "wte", "word_embeddings", "output.weight"))
 
 
 def _layer_count(config: dict, names: list[str]) -> int:

@@ -58,6 +58,17 @@ class ResolvedModel:
         archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
         return archs[0]
 
+    def whole_folder(self) -> Path:
+        """The folder to load as one whole model (chat, evaluation, the sweep): a model given as
+        BASE+ADAPTER has none, so it is refused with the way to make one."""
+        if self.adapter is not None:
+            raise SourceError(
+                f"{self.ref!r} is a base model with a LoRA adapter: merges apply the adapter tensor by tensor, "
+                "but chat and evaluation load a whole model folder. Write it once with a recipe "
+                f"'merge_method: passthrough' and 'models: [{{model: {self.ref}}}]', then use that folder"
+            )
+        return self.folder
+
 
 def split_revision(ref: str) -> tuple[str, str | None]:
     if "@" in ref:

@@ -99,7 +99,7 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
         def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
             progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
 
-        folder = resolve_model(ref, policy).folder
+        folder = resolve_model(ref, policy).whole_folder()
         try:
             report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=signal.event)
         except Cancelled:

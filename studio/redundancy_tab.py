@@ -115,7 +115,7 @@ def run_sweep(settings: Settings, base: str, source: str, suite_name: str, uploa
     # Resolve (and, for Hub ids, download with the size limit) under this session's policy first;
     # the sweep then reads the vetted folders.
     policy = session.policy(settings, session_hash(request))
-    base_folder, source_folder = (str(resolve_model(ref, policy).folder) for ref in (base, source))
+    base_folder, source_folder = (str(resolve_model(ref, policy).whole_folder()) for ref in (base, source))
     try:
         result = dare_sweep(
             base_folder, source_folder, suite=tasks, text=text or None, device=settings.device, policy=SourcePolicy(),

@@ -348,3 +348,31 @@ def test_calibrated_methods_refuse_lora_references(llama_family, adapters, tmp_p
         {"model": str(llama_family.finetuned[0]), "calibration": ["some text"]}]}
     message = cli_error(tmp_path, recipe)
     assert "fisher calibrates whole models" in message and str(adapters["llama"]) in message
+
+
+def test_whole_model_users_refuse_an_adapter_reference_and_passthrough_writes_one(llama_family, adapters, tmp_path):
+    """Chat and evaluation load whole folders; a BASE+ADAPTER reference has none, and the message
+    says how to write one: a passthrough of that one model, which equals peft's merge_and_unload."""
+    from chat import ModelPool
+    from merging.errors import MergeStudioError
+
+    ref = f"{llama_family.base}+{adapters['llama']}"
+    with pytest.raises(MergeStudioError, match="merge_method: passthrough"):
+        ModelPool("1GB", "cpu").get(ref)
+    out = ours({"merge_method": "passthrough", "models": [{"model": ref}]}, tmp_path / "folded")
+    expected = peft_merged(llama_family.base, adapters["llama"])
+    for name, tensor in load_model_tensors(out).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_redundancy_statistics_read_an_adapter_reference_as_the_adapted_model(llama_family, adapters):
+    from viz.stats import delta_statistics
+
+    ref = f"{llama_family.base}+{adapters['llama']}"
+    stats = delta_statistics(str(llama_family.base), [ref], density=0.5, device="cpu", threads=1)
+    expected = peft_merged(llama_family.base, adapters["llama"])
+    base = load_model_tensors(llama_family.base)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    norm = float((expected[name].double() - base[name].double()).norm())
+    measured = next(t for t in stats.tensors if t.name == name).deltas[stats.labels[0]].norm
+    assert measured == pytest.approx(norm, rel=1e-5)

@@ -26,7 +26,7 @@ def _source(model, start, end, **parameters):
 
 
 def build_cases(llama, qwen2, gpt2) -> dict[str, Case]:
-    L, Q, G = llama, qwen2, gpt2
+    L, G = llama, gpt2
     return {
         # the published SLERP form: two sources over all layers, t filtered and graded
         "slerp_slices_llama": Case({

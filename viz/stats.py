@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from merging.adapters import open_reader
 from merging.checkpoint import CheckpointReader, damaged_source
 from merging.errors import CheckpointError, MergeCancelled, MergeStudioError, check_cancel
 from merging.methods.kernels import TaskVector, chunks, magnitude_keep
@@ -327,10 +328,10 @@ def delta_statistics(
     base_model, models = _open(str(base), [str(ref) for ref in finetuned], policy, resolver)
     readers: list[CheckpointReader] = []
     try:
-        base_reader = CheckpointReader(base_model.folder, label=base_model.ref)
+        base_reader = open_reader(base_model, label=base_model.ref)
         readers.append(base_reader)
         for model in models:
-            readers.append(CheckpointReader(model.folder, label=model.ref))
+            readers.append(open_reader(model, label=model.ref))  # a BASE+ADAPTER model: the adapter applied
         names = _plan(base_reader, readers[1:])
         results = []
         with torch.inference_mode(), _cpu_threads(threads if compute.type == "cpu" else None):

@@ -242,8 +242,8 @@ def dare_sweep(
     rates = drop_rates(rates)
     if suite is not None:
         load_suite(suite)  # a bad suite fails now, not after the first merge
-    base_folder = resolve_model(str(base), policy).folder
-    model_folder = resolve_model(str(finetuned), policy).folder
+    base_folder = resolve_model(str(base), policy).whole_folder()
+    model_folder = resolve_model(str(finetuned), policy).whole_folder()
     total = 2 + len(methods) * (len(rates) - 1)
     done = 0
 
