@@ -268,6 +268,39 @@ def rank_fraction(magnitude: torch.Tensor) -> torch.Tensor:
     return torch.empty(rows, length, device=magnitude.device).scatter_(1, order, positions.expand(rows, length))
 
 
+def _row_rank_fractions(delta: TaskVector, length: int):
+    """``fraction(part)``: ``rank_fraction`` of the chunk's entries within their rows of ``length``.
+
+    The ranks are sorted once, on first use, for the whole tensor (a block of rows at a time)
+    and kept as int16 (int32 for rows longer than 32767): DELLA reads them in two passes (the L1
+    rescale, then the merge), and the row sorts were 20 of a 170M-parameter merge's 34 s when
+    each pass sorted them again.
+    """
+    rows = delta.numel // length
+    positions = torch.arange(length, dtype=torch.float32, device=delta.base.device).div_(max(1, length - 1))
+    ranks: list[torch.Tensor] = []
+
+    def fill() -> torch.Tensor:
+        block = max(1, BLOCK // length)
+        out = torch.empty(delta.numel, dtype=torch.int16 if length <= 32767 else torch.int32, device=delta.base.device)
+        for first in range(0, rows, block):
+            last = min(rows, first + block)
+            magnitude = delta.chunk(slice(first * length, last * length)).abs_().view(last - first, length)
+            order = torch.argsort(magnitude, dim=1, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device).expand_as(order))
+            out[first * length:last * length] = rank.view(-1)
+        return out
+
+    def fraction(part: slice) -> torch.Tensor:
+        if length == 1:
+            return torch.full((part.stop - part.start,), 0.5, dtype=torch.float32, device=delta.base.device)
+        if not ranks:
+            ranks.append(fill())
+        return positions[ranks[0][part].long()]
+
+    return fraction
+
+
 def magprune_keep(delta: TaskVector, density: float, epsilon: float, seed: int, *, divide: bool = False) -> Keep:
     """DELLA MagPrune: keep each entry with a probability that grows with its magnitude's rank.
 
@@ -290,13 +323,7 @@ def magprune_keep(delta: TaskVector, density: float, epsilon: float, seed: int, 
         whole = rank_fraction(magnitude.reshape(-1, shape[1])).view(magnitude.shape).movedim(-1, 1).reshape(-1)
         fraction = lambda part: whole[part]
     else:
-        length = shape[-1] if len(shape) == 2 else numel
-
-        def fraction(part: slice) -> torch.Tensor:
-            first, last = part.start // length, -(-part.stop // length)
-            rows = delta.chunk(slice(first * length, last * length)).abs_().view(last - first, length)
-            offset = first * length
-            return rank_fraction(rows).view(-1)[part.start - offset:part.stop - offset]
+        fraction = _row_rank_fractions(delta, shape[-1] if len(shape) == 2 else numel)
 
     def kept(part: slice, chunk: torch.Tensor) -> torch.Tensor:
         draws = _block_draws(numel, seed, part).to(chunk.device, non_blocking=True).to(torch.float32)

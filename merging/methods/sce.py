@@ -45,8 +45,13 @@ def variance_select(deltas: list[TaskVector], fraction: float):
     variance = torch.empty(numel, dtype=torch.float32, device=deltas[0].base.device)
     nonzero = 0
     for part in chunks(numel, variance.device):
-        # torch.var over the stacked chunk: the same reduction, so the same values, as mergekit's
-        torch.var(torch.stack([d.chunk(part) for d in deltas]), dim=0, unbiased=False, out=variance[part])
+        # The population variance in float64, rounded to float32: the values of mergekit's torch.var
+        # over the stacked models (which accumulates in double), bit for bit in our tests, and ~10x
+        # faster on a CPU, where var over a short leading axis takes a slow path (20 of 27 s of a
+        # 170M-parameter SCE merge).
+        values = [d.chunk(part).double() for d in deltas]
+        mean = sum(values) / len(values)
+        variance[part] = (sum((v - mean).square_() for v in values) / len(values)).float()
         nonzero += int(torch.count_nonzero(variance[part]))
     k = int(torch.tensor(nonzero) * fraction) if fraction > 0 else 0  # as mergekit: a float32 product
     zero = torch.zeros((), dtype=torch.float32, device=variance.device).expand(numel)
