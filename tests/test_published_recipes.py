@@ -3,9 +3,11 @@ slices with self_attn/mlp gradients, TIES and DARE with int8_mask, Model Stock, 
 Karcher with ``tol: 1e-9``, frankenmerges repeating layers, negative task weights, a union
 tokenizer with a chat template, typos and ``name:``), mapped onto the tiny test families.
 
-Every recipe runs with mergekit 0.1.5 and with us, in one ``mergekit-multi`` run; the
-deterministic ones give the same tensors (1e-5), the random ones (DARE, DELLA) the same layout
-and a result between the base and the fine-tunes."""
+Every recipe runs with mergekit 0.1.5 and with us, in one ``mergekit-multi`` run. mergekit
+computes in the recipe's dtype (bfloat16 arithmetic loses the small deltas merging is about) and
+we compute in float32, then cast; so the deterministic recipes are compared in float32 (the same
+tensors, 1e-5), and our merge in the published dtype is that float32 result cast, exactly. The
+random ones (DARE, DELLA) have the same layout and move each tensor as far as mergekit's."""
 
 from __future__ import annotations
 
@@ -201,24 +203,37 @@ def recipes(llama_family):
     return {name: (text.format(**folders), deterministic) for name, text, deterministic in PUBLISHED}
 
 
+def in_float32(text: str) -> dict:
+    """The recipe computed and written in float32 (mergekit-multi reads a name as a stage name, so
+    the one single recipe that has one loses it)."""
+    return {**{k: v for k, v in yaml.safe_load(text).items() if k != "name"}, "dtype": "float32"}
+
+
 @pytest.fixture(scope="module")
 def mergekit_outputs(recipes, tmp_path_factory):
-    # mergekit-multi reads names as stage names, so the one single recipe that has a name loses it there
-    docs = {name: {k: v for k, v in yaml.safe_load(text).items() if k != "name"} for name, (text, _) in recipes.items()}
+    docs = {name: in_float32(text) if deterministic else yaml.safe_load(text) | {"name": None}
+            for name, (text, deterministic) in recipes.items()}
+    docs = {name: {k: v for k, v in doc.items() if v is not None} for name, doc in docs.items()}
     return run_mergekit_multi(docs, tmp_path_factory.mktemp("mk-published"))
 
 
 @pytest.fixture(scope="module")
 def ours(recipes, tmp_path_factory):
     root = tmp_path_factory.mktemp("our-published")
-    return {name: merge(load_recipe(text), root / name, device="cpu").output for name, (text, _) in recipes.items()}
+    out = {name: merge(load_recipe(text), root / name, device="cpu").output for name, (text, _) in recipes.items()}
+    out.update({f"{name}-float32": merge(load_recipe(in_float32(text)), root / f"{name}-float32", device="cpu").output
+                for name, (text, deterministic) in recipes.items() if deterministic})
+    return out
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in PUBLISHED])
 def test_a_published_recipe_runs_as_mergekit_runs_it(name, recipes, mergekit_outputs, ours, llama_family):
     mine, theirs = load_model_tensors(ours[name]), load_model_tensors(mergekit_outputs[name])
     if recipes[name][1]:
-        compare(Case({}, llama_family.base, tuple(llama_family.finetuned), trims=True), mine, theirs)
+        exact = load_model_tensors(ours[f"{name}-float32"])
+        compare(Case({}, llama_family.base, tuple(llama_family.finetuned), trims=True), exact, theirs)
+        for tensor_name, tensor in mine.items():  # the published dtype: our float32 result, cast
+            assert torch.equal(tensor, exact[tensor_name].to(tensor.dtype)), tensor_name
         return
     assert {n: (t.shape, t.dtype) for n, t in mine.items()} == {n: (t.shape, t.dtype) for n, t in theirs.items()}
     base = load_model_tensors(llama_family.base)
