@@ -395,3 +395,33 @@ def disjoint_merge(weighted: list[torch.Tensor], weights: list[float], normalize
         divisor += torch.eq(divisor, 0, out=torch.empty_like(divisor))
         merged /= divisor
     return merged
+
+
+# -- matrices: the subspace methods (Iso-C, Iso-CTS, TSV-M, WUDI) ------------------------------
+
+def mean_task_vector(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], lam: float) -> torch.Tensor:
+    """θ_base + λ·Σ wᵢδᵢ / Σ wᵢ (float32): what the subspace methods give a tensor that is not a
+    matrix (norms, biases), where singular vectors mean nothing. Weights summing to ~0 are used
+    unnormalized."""
+    total = sum(weights)
+    scale = lam / total if abs(total) >= 1e-8 else lam
+    return weighted_sum([base, *tensors], [1.0 - scale * sum(weights), *[scale * w for w in weights]])
+
+
+def task_matrix(base: torch.Tensor, tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """δ = θ − θ_base of a matrix, in ``dtype`` (float32, or float64 where conditioning demands)."""
+    return tensor.to(dtype) - base.to(dtype)
+
+
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vᴴ) of the thin SVD, on the matrix's device and in its dtype."""
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, ...]) -> int:
+    """How many singular values are above rounding: s > max(m, n)·ε·s_max (NumPy's ``matrix_rank``
+    tolerance, ε of the values' dtype). A sum of LoRA task vectors has rank ≤ Σ rᵢ however wide."""
+    if singular_values.numel() == 0 or float(singular_values.max()) == 0.0:
+        return 0
+    tolerance = max(shape) * torch.finfo(singular_values.dtype).eps * float(singular_values.max())
+    return int((singular_values > tolerance).sum())
