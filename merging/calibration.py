@@ -41,19 +41,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merging.checkpoint import CheckpointReader, process_alive, safetensors_files
-from merging.errors import MergeCancelled, RecipeError, SourceError, check_cancel
+from merging.errors import MergeCancelled, MergeStudioError, RecipeError, SourceError, check_cancel
 from merging.prompts import encode as encode_prompt
 from merging.prompts import render
-from merging.runtime import cache_root, load_model
+from merging.grams import CANCELLED, TOKENS_PER_BATCH, GramRecorder, padded_batch, similar_length_batches
+from merging.propagation import propagated_grams
+from merging.runtime import cache_root, load_model, load_tokenizer
 from merging.sources import SourcePolicy, allowed_path
 
 CACHE_VERSION = "3"  # bump when the statistics' definition changes (3: float64 Grams, plain-text chats)
-TOKENS_PER_BATCH = 4096  # Gram batches: padded tokens per forward pass
 
 Message = dict  # {"role": ..., "content": ...}
 Example = Union[str, tuple[Message, ...]]  # plain text, or a chat rendered with the model's template
 ProgressFn = Callable[[int, int], None]
-CANCELLED = "merge cancelled during calibration; nothing was written"
 SAMPLES_PARAM, MAX_LENGTH_PARAM = "calibration_samples", "calibration_max_length"  # what a data-aware spec declares
 
 
@@ -300,87 +300,37 @@ def _linear_layers(model):
             yield name, module, True
 
 
+def encoded_batches(tokenizer, examples: list[Example], max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The examples as padded batches of similar length (``TOKENS_PER_BATCH`` tokens at most)."""
+    encoded = [ids for ids in (encode(tokenizer, ex, max_length) for ex in examples) if ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [padded_batch(batch, pad) for batch in similar_length_batches(encoded, TOKENS_PER_BATCH)]
+
+
 @torch.inference_mode()
 def compute_grams(model, tokenizer, examples: list[Example], max_length: int,
                   progress: ProgressFn | None = None, cancel=None) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
-    """RegMean Grams: ({owner module: XᵀX/N}, {module: owner module}, N tokens).
-
-    Forward pre-hooks see each linear layer's input. On the first batch, a layer whose input is
-    the very tensor object its sibling (same parent module) just read shares that sibling's
-    Gram; only owners accumulate. Padding positions are left out.
-    """
-    layers = list(_linear_layers(model))
-    owner: dict[str, str] = {}
-    grams: dict[str, torch.Tensor] = {}
-    last_input: dict[str, tuple[torch.Tensor, str]] = {}
-    state = {"mask": None, "first": True}
-
-    def hook_for(name: str):
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-
-        def hook(module, args):
-            x = args[0]
-            if state["first"]:
-                seen = last_input.get(parent)
-                if seen is not None and seen[0] is x:
-                    owner[name] = seen[1]
-                else:
-                    owner[name] = name
-                    last_input[parent] = (x, name)
-            if owner[name] != name:
-                return
-            rows = x.reshape(-1, x.shape[-1])
-            mask = state["mask"]
-            if mask is not None and mask.numel() == rows.shape[0]:
-                rows = rows[mask]
-            rows = rows.double()  # float64: see the module docstring
-            if name not in grams:
-                grams[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-            grams[name].addmm_(rows.T, rows)
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module, _ in layers]
-    tokens = 0
+    """RegMean Grams: ({owner module: XᵀX/N}, {module: owner module}, N tokens), recorded by
+    ``GramRecorder`` hooks on every linear layer."""
+    recorder = GramRecorder([(name, module) for name, module, _ in _linear_layers(model)])
+    tokens = done = 0
     try:
-        encoded = [ids for ids in (encode(tokenizer, ex, max_length) for ex in examples) if ids]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        done = 0
-        for batch in _batches(encoded):
+        batches = encoded_batches(tokenizer, examples, max_length)
+        total = sum(len(ids) for ids, _ in batches)
+        for input_ids, attention in batches:
             check_cancel(cancel, CANCELLED, MergeCancelled)
-            length = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            attention = torch.zeros((len(batch), length), dtype=torch.long)
-            for row, ids in enumerate(batch):  # right padding: positions stay those of a lone example
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                attention[row, : len(ids)] = 1
-            state["mask"] = attention.reshape(-1).bool().to(model.device)
+            recorder.mask = attention.reshape(-1).bool().to(model.device)
             model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device))
-            state["first"] = False
-            last_input.clear()
+            recorder.batch_done()
             tokens += int(attention.sum())
-            done += len(batch)
+            done += len(input_ids)
             if progress is not None:
-                progress(done, len(encoded))
+                progress(done, total)
     finally:
-        for handle in handles:
-            handle.remove()
-    for gram in grams.values():
+        recorder.remove()
+    for gram in recorder.grams.values():
         gram.div_(max(1, tokens))
-    return grams, owner, tokens
-
-
-def _batches(encoded: list[list[int]]):
-    """Batches of similar length (sorted), at most TOKENS_PER_BATCH padded tokens each."""
-    order = sorted(encoded, key=len)
-    batch: list[list[int]] = []
-    for ids in order:
-        if batch and (len(batch) + 1) * len(ids) > TOKENS_PER_BATCH:
-            yield batch
-            batch = []
-        batch.append(ids)
-    if batch:
-        yield batch
+    return recorder.grams, recorder.owner, tokens
 
 
 # -- the kinds of statistics -------------------------------------------------------------------
@@ -395,6 +345,7 @@ class CalibrationKind:
 
     name: str  # prefix of the cache files and ``kind`` in their metadata
     description: str
+    joint = False  # True: all models are calibrated together (``compute_jointly``), not one by one
 
     def compute(self, model, tokenizer, stored: set[str], examples: list[Example], settings: CalibrationSettings,
                 progress: ProgressFn | None, cancel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -437,14 +388,7 @@ class InputGrams(CalibrationKind):
 
     def compute(self, model, tokenizer, stored, examples, settings, progress, cancel):
         grams, owner, tokens = compute_grams(model, tokenizer, examples, settings.max_length, progress, cancel)
-        transposed = {name: t for name, _, t in _linear_layers(model)}
-        weights = {}
-        for name, owner_name in owner.items():
-            key = _checkpoint_name(f"{name}.weight", stored)
-            if key is not None:
-                weights[key] = {"gram": f"gram.{owner_name}", "transposed": transposed[name]}
-        tensors = {f"gram.{name}": gram for name, gram in grams.items()}
-        return tensors, {"tokens": str(tokens), "examples": str(len(examples)), "weights": json.dumps(weights)}
+        return gram_file(grams, owner, tokens, len(examples), model, stored)
 
     def tensor_stats(self, stats, name, device):
         entry = stats.lookup("weights").get(name)
@@ -453,8 +397,53 @@ class InputGrams(CalibrationKind):
         return stats.tensor(entry["gram"]).to(device), bool(entry["transposed"])  # q, k and v share one: read once
 
 
+def gram_file(grams: dict[str, torch.Tensor], owner: dict[str, str], tokens: int, examples: int, model,
+              stored: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a Gram cache file: ``gram.<owner module>`` tensors, and per
+    stored linear weight the Gram it reads and whether it is stored (in, out)."""
+    transposed = {name: t for name, _, t in _linear_layers(model)}
+    weights = {}
+    for name, owner_name in owner.items():
+        key = _checkpoint_name(f"{name}.weight", stored)
+        if key is not None and owner_name in grams:
+            weights[key] = {"gram": f"gram.{owner_name}", "transposed": transposed[name]}
+    tensors = {f"gram.{name}": gram for name, gram in grams.items()}
+    return tensors, {"tokens": str(tokens), "examples": str(examples), "weights": json.dumps(weights)}
+
+
+class PropagatedGrams(InputGrams):
+    """RegMean++: per linear weight, the Gram of its layer's inputs when the calibration text
+    flows through the already merged earlier layers (``merging.propagation``). Every model's
+    statistics depend on the merge of the layers before, so all models are calibrated together
+    (``compute_jointly``) and the cache key includes the recipe; ``tensor_stats`` is RegMean's."""
+
+    name = "gram-propagated"
+    description = "the Gram matrices of its linear layers' inputs, propagated through the merged earlier layers"
+    joint = True
+
+    def compute_jointly(self, folders: list[Path], examples: list[list[Example]], settings: CalibrationSettings,
+                        read, merge, device, progress, cancel) -> list[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """Per model, its cache file's tensors and metadata. ``read(i, name)``/``merge(name, stats)``:
+        the engine's reading and merging of one tensor (named as the first model stores it)."""
+        model, _ = load_model(folders[0], device=device, purpose="RegMean++ calibration")
+        try:
+            tokenizers = [load_tokenizer(folder) for folder in folders]
+        except (OSError, ValueError, KeyError) as exc:
+            raise MergeStudioError(f"cannot load a tokenizer for RegMean++ calibration: {str(exc).splitlines()[0]}") from None
+        stored = _stored_names(folders[0])
+        try:
+            texts = [encoded_batches(tokenizer, texts, settings.max_length) for tokenizer, texts in zip(tokenizers, examples)]
+            results = propagated_grams(model, texts, lambda name: _checkpoint_name(name, stored), read, merge,
+                                       list(_linear_layers(model)), progress, cancel)
+            return [gram_file(grams, owner, tokens, len(texts), model, stored)
+                    for (grams, owner, tokens), texts in zip(results, examples)]
+        finally:
+            del model
+
+
 FISHER = DiagonalFisher()
 GRAMS = InputGrams()
+PROPAGATED_GRAMS = PropagatedGrams()
 
 
 # -- per model, cached -----------------------------------------------------------------------
@@ -472,6 +461,23 @@ def calibrate(kind: CalibrationKind, folder: Path, examples: list[Example], sett
     finally:
         del model
     return path
+
+
+def calibrate_jointly(kind: CalibrationKind, folders: list[Path], examples: list[list[Example]],
+                      settings: CalibrationSettings, context: str, read, merge, *, device: str = "auto",
+                      progress=None, cancel=None) -> list[Path]:
+    """Compute (or find in the cache) every model's statistics of a joint ``kind``; returns the
+    cache files in model order. ``context`` (the recipe) is part of the key: the statistics
+    depend on how the earlier layers were merged."""
+    keys = [cache_key(kind.name, folder, texts, settings) for folder, texts in zip(folders, examples)]
+    key = hashlib.sha256(json.dumps([kind.name, keys, context]).encode()).hexdigest()[:32]
+    paths = [cache_dir() / f"{kind.name}-{key}-{index}.safetensors" for index in range(len(folders))]
+    if all(_cached(path) for path in paths):
+        return paths
+    files = kind.compute_jointly(folders, examples, settings, read, merge, device, progress, cancel)
+    for path, (tensors, metadata) in zip(paths, files):
+        _save_atomically(path, tensors, {"kind": kind.name, **metadata})
+    return paths
 
 
 class CalibrationStats:

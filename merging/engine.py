@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, load_examples
+from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, calibrate_jointly, load_examples
 from merging.checkpoint import (
     StreamingWriter,
     all_finite,
@@ -93,7 +93,7 @@ def merge(
                                       {ref: m.config.get("vocab_size") for ref, m in models.models.items()},
                                       models.tokenizer.folder)
         plans = plan_tensors(recipe, models, vocabulary.size if vocabulary else None)
-        stats = calibrate_inputs(recipe, models, policy, device, calibration_progress, cancel)
+        stats = calibrate_inputs(recipe, method, models, plans, policy, device, calibration_progress, cancel)
         protected = [m.folder for m in [models.tokenizer, *models.models.values()]]
         protected += [m.adapter for m in models.models.values() if m.adapter is not None]  # adapters are sources too
         with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
@@ -144,27 +144,60 @@ def written_dtype(plans: list[TensorPlan]) -> str:
     return "/".join(sorted(sizes, key=sizes.get, reverse=True)) or "none"
 
 
-def calibrate_inputs(recipe: Recipe, models: ModelSet, policy: SourcePolicy, device: str,
-                     progress: CalibrationProgressFn | None, cancel) -> list[CalibrationStats] | None:
+def calibrate_inputs(recipe: Recipe, method, models: ModelSet, plans: list[TensorPlan], policy: SourcePolicy,
+                     device: str, progress: CalibrationProgressFn | None, cancel) -> list[CalibrationStats] | None:
     """Per input model, its cached calibration statistics (computed now if missing), or None
-    for methods that need no data."""
+    for methods that need no data. A joint kind (RegMean++) calibrates all models at once,
+    merging layer by layer with this recipe's own ``method`` and parameters."""
     spec = recipe.method
     if not spec.calibration:
         return None
     settings = CalibrationSettings.from_parameters(
         {p.name: recipe.parameters.get(p.name, p.default) for p in spec.global_params()})
+    examples = [load_examples(entry.calibration, settings.samples, policy, f"calibration of {model.ref}")
+                for entry, model in zip(recipe.input_entries(), models.inputs)]
+    if spec.calibration.joint:
+        paths = _calibrate_jointly(recipe, method, models, plans, examples, settings, device, progress, cancel)
+        return [CalibrationStats(path) for path in paths]
     opened: list[CalibrationStats] = []
     try:
-        for entry, model in zip(recipe.input_entries(), models.inputs):
-            examples = load_examples(entry.calibration, settings.samples, policy, f"calibration of {model.ref}")
+        for texts, model in zip(examples, models.inputs):
             report = (lambda done, total, ref=model.ref: progress(ref, done, total)) if progress else None
-            path = calibrate(spec.calibration, model.folder, examples, settings, device=device, progress=report, cancel=cancel)
+            path = calibrate(spec.calibration, model.folder, texts, settings, device=device, progress=report, cancel=cancel)
             opened.append(CalibrationStats(path))
     except BaseException:
         for entry in opened:
             entry.close()
         raise
     return opened
+
+
+def _calibrate_jointly(recipe: Recipe, method, models: ModelSet, plans: list[TensorPlan], examples, settings,
+                       device: str, progress: CalibrationProgressFn | None, cancel) -> list:
+    """``calibrate_jointly`` with this merge's reading and merging of one tensor, the tensor
+    named as the first input model stores it; the merged tensor is cast to the output dtype,
+    so the layers the statistics flow through are exactly the ones written."""
+    if any(plan.vocabulary for plan in plans):
+        raise CheckpointError(f"{recipe.merge_method} runs each model's calibration text through the merged layers, "
+                              "which needs one vocabulary: drop the tokenizer setting, or use regmean")
+    compute = pick_device(device)
+    by_name = {plan.inputs[0].name: plan for plan in plans if plan.merged}
+
+    def read(index: int, name: str):
+        source = by_name[name].inputs[index]
+        return models.reader(source.model).get(source.name)
+
+    def merge_one(name: str, stats):
+        plan = by_name[name]
+        tensors = [models.reader(source.model).get(source.name).to(compute) for source in plan.inputs]
+        base = models.reader(plan.base.model).get(plan.base.name).to(compute) if plan.base else None
+        extra = [None if entry is None else (entry[0].to(compute), entry[1]) for entry in stats]
+        per_model, params = resolve_parameters(recipe, plan)
+        result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
+        return result.to(plan.out.dtype)
+
+    return calibrate_jointly(recipe.method.calibration, [m.folder for m in models.inputs], examples, settings,
+                             recipe.to_yaml(), read, merge_one, device=device, progress=progress, cancel=cancel)
 
 
 def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None,

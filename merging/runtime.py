@@ -57,7 +57,7 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
     ``purpose`` and the reason.
     """
     # Deferred: transformers takes seconds to import, and the CLI's merge never loads a model.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load clutters the CLI's and the app's own progress
@@ -74,8 +74,7 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
     tokenizer_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         with MODEL_LOAD_LOCK:
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True,
-                                                      **tokenizer_kwargs)
+            tokenizer = load_tokenizer(folder, **tokenizer_kwargs)
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
             if target.type != "cuda":
                 model = model.to(target)
@@ -83,6 +82,14 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MergeStudioError(f"cannot load model {folder} for {purpose}: {reason}") from None
     return model.eval(), tokenizer
+
+
+def load_tokenizer(folder: str | Path, **kwargs):
+    """The tokenizer of a local model folder (never remote code)."""
+    # Deferred: transformers takes seconds to import.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True, **kwargs)
 
 
 def meta_model(config: dict):
