@@ -27,6 +27,7 @@ from merging.checkpoint import (
 )
 from merging.errors import CheckpointError, MergeCancelled, check_cancel
 from merging.methods import get_method
+from merging.methods.spec import step_reporting
 from merging.model_card import write_model_card
 from merging.plan import (ModelSet, Source, TensorPlan, check_supported, config_updates, open_inputs, plan_tensors,
                           resolve_parameters, tensor_seed)
@@ -36,7 +37,7 @@ from merging.sources import SourcePolicy, resolve_model
 from merging.units import parse_size
 from merging.vocabulary import Vocabulary, build_vocabulary, output_tokenizer
 
-ProgressFn = Callable[[int, int, str], None]
+ProgressFn = Callable[[float, int, str], None]  # (tensors done, with a fraction while a long one runs; total; name)
 CalibrationProgressFn = Callable[[str, int, int], None]  # (model reference, examples done, total)
 CANCELLED = "merge cancelled; nothing was written"
 
@@ -239,7 +240,8 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
             if plan.merged:
                 tensors, extra = loaded
                 per_model, params = resolve_parameters(recipe, plan)
-                result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
+                with step_reporting(_step_hook(index, len(plans), plan.out.name, progress, cancel)):
+                    result = method(base, tensors, per_model, params, tensor_seed(recipe.seed, plan.out.name), extra)
                 out = result.to(plan.out.dtype)
                 if not all_finite(out):  # NaN/Inf in any source always reaches the result
                     raise CheckpointError(_non_finite_message(plan, result, base, tensors))
@@ -249,6 +251,21 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
             writer.write(plan.out.name, out)
             if progress is not None:
                 progress(index + 1, len(plans), plan.out.name)
+
+
+def _step_hook(index: int, count: int, name: str, progress: ProgressFn | None, cancel):
+    """What a method's ``report_steps`` does for tensor ``index``: honour Stop, and report the
+    fraction done as progress ``index + fraction`` of ``count`` (every 5%, not every step)."""
+    shown = [0]
+
+    def hook(done: int, total: int) -> None:
+        check_cancel(cancel, CANCELLED, MergeCancelled)
+        twentieths = 20 * done // max(1, total)
+        if progress is not None and twentieths > shown[0]:
+            shown[0] = twentieths
+            progress(index + twentieths / 20, count, name)
+
+    return hook
 
 
 def _non_finite_message(plan: TensorPlan, result, base, tensors) -> str:

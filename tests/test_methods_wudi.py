@@ -199,3 +199,29 @@ def test_a_merged_llama_loads_with_transformers_and_its_vectors_are_the_mean_tas
     assert any(n.endswith("norm.weight") for n in merged) and "model.embed_tokens.weight" in merged
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 9, 12]])).logits).all()
+
+
+def test_a_long_tensor_reports_its_steps_and_stops_within_them(llama_family, tmp_path):
+    """The engine hears of WUDI's steps inside one tensor (progress as a fraction of that tensor)
+    and Stop takes effect between steps, leaving no output."""
+    import threading
+
+    from merging.engine import merge
+    from merging.errors import MergeCancelled
+    from merging.recipe import load_recipe
+
+    L, cancel, seen = llama_family, threading.Event(), []
+    recipe = {"merge_method": "wudi", "base_model": str(L.base), "models": [{"model": str(p)} for p in L.finetuned],
+              "parameters": {"steps": 2000}}
+
+    def progress(done, total, name):
+        seen.append(done)
+        if done != int(done):  # within a tensor: stop there
+            cancel.set()
+
+    with pytest.raises(MergeCancelled):
+        merge(load_recipe(recipe), tmp_path / "out", device="cpu", progress=progress, cancel=cancel)
+    assert not (tmp_path / "out").exists()
+    fraction = next(d for d in seen if d != int(d))
+    assert 0 < fraction - int(fraction) <= 0.05 + 1e-9  # the first 5% of the tensor, reported once
+    assert seen[-1] == fraction  # stopped at the next step, before that tensor finished

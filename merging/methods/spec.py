@@ -8,7 +8,9 @@ settings and starting values, so a method appears everywhere by being registered
 
 from __future__ import annotations
 
+import contextvars
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
@@ -21,6 +23,27 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # merges compute in float32
 
 REQUIRED = object()
 """Sentinel default for a parameter the recipe must set."""
+
+_STEP_HOOK: contextvars.ContextVar[Callable[[int, int], None] | None] = contextvars.ContextVar("merge_step_hook", default=None)
+
+
+def report_steps(done: int, total: int) -> None:
+    """Called by a method's long loop over one tensor (WUDI's optimizer steps): the engine shows
+    how far the tensor is, and raises ``MergeCancelled`` here when the user stopped the merge, so
+    a minute-long tensor neither looks frozen nor ignores Stop. Outside a merge it does nothing."""
+    hook = _STEP_HOOK.get()
+    if hook is not None:
+        hook(done, total)
+
+
+@contextmanager
+def step_reporting(hook: Callable[[int, int], None]):
+    """Route ``report_steps`` of the method calls made inside the block to ``hook``."""
+    token = _STEP_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        _STEP_HOOK.reset(token)
 
 Scope = Literal["global", "model"]
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from merging.methods.kernels import mean_task_vector, task_matrix
-from merging.methods.spec import LAMBDA, MethodSpec, Param, register
+from merging.methods.spec import LAMBDA, MethodSpec, Param, register, report_steps
 
 _PAPER = "https://arxiv.org/abs/2503.08099"
 
@@ -128,9 +128,10 @@ def adam_minimize(A: torch.Tensor, R: torch.Tensor, steps: int, learning_rate: f
         return delta
     delta.grad = torch.empty_like(delta)
     optimizer = torch.optim.Adam([delta], lr=learning_rate, betas=BETAS, eps=EPS, fused=True)
-    for _ in range(steps):
+    for step in range(steps):
         torch.addmm(R, delta, A, beta=2.0, alpha=2.0, out=delta.grad)
         optimizer.step()
+        report_steps(step + 1, steps)  # progress within the tensor, and where Stop takes effect
     delta.grad = None
     return delta
 
