@@ -9,6 +9,7 @@ on a task divided by that task's expert's accuracy, as in the TIES paper). A DAR
 
     python bench/merge_quality.py                 # prints Markdown tables (~10 min on 2 CPU cores)
     python bench/merge_quality.py --json out.json --readme   # also rewrite the README's table
+    python bench/merge_quality.py --json out.json --methods iso_c,tsv   # re-run only these rows, keep the rest
 """
 
 from __future__ import annotations
@@ -58,6 +59,21 @@ MERGES = [
     ("regmean α=0.9 (calibration: own task)", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 0.9}),
     ("regmean α=0.6", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 0.6}),
     ("regmean α=1.0 (exact)", "regmean", {"weight": 1.0}, {"reduce_non_diagonal": 1.0}),
+    ("regmean_plus_plus α=0.9", "regmean_plus_plus", {"weight": 1.0}, {"reduce_non_diagonal": 0.9}),
+    ("regmean_plus_plus α=1.0 (exact)", "regmean_plus_plus", {"weight": 1.0}, {"reduce_non_diagonal": 1.0}),
+    # beyond mergekit, weight-only (issue #14); λ swept where the papers tune it on validation data
+    ("iso_c λ=1.0", "iso_c", {"weight": 1.0}, {"lambda": 1.0}),
+    ("iso_c λ=1.5 (suggested)", "iso_c", {"weight": 1.0}, {"lambda": 1.5}),
+    ("iso_c λ=2.0", "iso_c", {"weight": 1.0}, {"lambda": 2.0}),
+    ("iso_cts λ=1.0", "iso_cts", {"weight": 1.0}, {"lambda": 1.0}),
+    ("iso_cts λ=1.5 (suggested)", "iso_cts", {"weight": 1.0}, {"lambda": 1.5}),
+    ("tsv λ=1.0 (the paper's)", "tsv", {"weight": 1.0}, {"lambda": 1.0}),
+    ("tsv λ=1.5", "tsv", {"weight": 1.0}, {"lambda": 1.5}),
+    ("consensus_ta k=2, w=1", "consensus_ta", {"weight": 1.0}, {}),
+    ("consensus_ta k=2, w=0.5", "consensus_ta", {"weight": 0.5}, {}),
+    ("consensus_ties k=2, density 0.2", "consensus_ties", {"weight": 1.0, "density": 0.2}, {}),
+    ("wudi (Adam, 300 steps: the paper's)", "wudi", {"weight": 1.0}, {}),
+    ("wudi solver exact", "wudi", {"weight": 1.0}, {"solver": "exact"}),
 ]
 DROP_RATES = (0.0, 0.5, 0.7, 0.9, 0.95, 0.99)
 SWEEP_EXPERT = "geography"
@@ -99,24 +115,36 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write all numbers as JSON here")
     parser.add_argument("--readme", action="store_true", help="rewrite the table between the README's quality markers")
+    parser.add_argument("--methods", help="comma-separated methods: run only their rows and keep the other rows "
+                                          "(and the base, experts and DARE sweep) from the --json file")
     args = parser.parse_args()
 
     started = time.perf_counter()
     family = demo.ensure_family(lambda message: print(message, file=sys.stderr))
-    results: dict = {"base": evaluate(family["base"], "zoo", device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
-    for name in demo.EXPERTS:
-        results["experts"][name] = evaluate(family[name], "zoo", device="cpu").tasks
-        print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
+    selected = set(args.methods.split(",")) if args.methods else None
+    if selected is not None and not (args.json and args.json.is_file()):
+        parser.error("--methods keeps the other rows from an earlier --json file; give one")
+    if selected is not None:
+        previous = json.loads(args.json.read_text())
+        results = {**previous, "dare_sweep": {float(k): v for k, v in previous["dare_sweep"].items()}}
+    else:
+        results = {"base": evaluate(family["base"], "zoo", device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
+        for name in demo.EXPERTS:
+            results["experts"][name] = evaluate(family[name], "zoo", device="cpu").tasks
+            print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="merge-quality-") as tmp:
         workdir = Path(tmp)
         for label, method, per_model, global_params in MERGES:
+            if selected is not None and method not in selected:
+                continue
             scores = merged_scores(recipe_for(method, family, per_model, global_params), workdir)
             results["merges"][label] = {"scores": scores, "normalized": normalized(scores, results["experts"])}
             print(f"{label}: {scores}", file=sys.stderr)
-        for rate in DROP_RATES:
+        for rate in DROP_RATES if selected is None else ():
             text = recipe_for("dare_linear", family, {"weight": 1.0, "density": max(1e-6, 1.0 - rate)}, {}, experts=(SWEEP_EXPERT,))
             results["dare_sweep"][rate] = merged_scores(text, workdir)[SWEEP_EXPERT]
             print(f"DARE drop {rate:.0%}: {results['dare_sweep'][rate]:.0%}", file=sys.stderr)
+    results["merges"] = {label: results["merges"][label] for label, *_ in MERGES if label in results["merges"]}  # table order
 
     header = "| model | " + " | ".join(demo.EXPERTS) + " | avg. normalized |\n|---|" + "---|" * (len(demo.EXPERTS) + 1)
     lines = [header, row("base (SmolLM2-135M-Instruct)", results["base"], None)]

@@ -51,7 +51,13 @@ from tests.support.families import build_family  # noqa: E402
 METHODS = ("ties", "dare_ties", "linear", "task_arithmetic", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
            "della", "della_linear", "sce", "model_stock", "slerp", "nuslerp", "multislerp", "karcher", "nearswap",
            "arcee_fusion", "ram", "ramplus_tl", "passthrough")  # every method of mergekit 0.1.5
+#: Methods mergekit does not have (issue #14): only ours runs; the table sets them beside TIES.
+BEYOND_MERGEKIT = ("iso_c", "iso_cts", "tsv", "consensus_ta", "consensus_ties", "wudi", "wudi_exact",
+                   "regmean", "regmean_plus_plus")
 DEFAULT_METHODS = ("ties", "dare_ties", "linear")
+#: Calibration text for the data-aware rows: 32 lines a random model reads as well as any.
+CALIBRATION = [f"line {i}: models of one architecture can be merged, and the merge keeps what each knows"
+               for i in range(32)]
 TOOLS = ("ours", "mergekit")
 
 #: Family shapes. "170m": Llama, hidden 768, 12 layers, MLP 3072, vocab 32000, untied
@@ -98,10 +104,20 @@ def recipe_for(method: str, base: Path, finetuned: list[Path]) -> dict:
         "ram": {**origin, "models": entries(ft)},
         "ramplus_tl": {**origin, "models": entries(ft)},
         "passthrough": {"models": entries(first)},
+        # beyond mergekit: the studio's suggested settings
+        "iso_c": {**origin, "models": entries(ft), "parameters": {"lambda": 1.5}},
+        "iso_cts": {**origin, "models": entries(ft), "parameters": {"lambda": 1.5}},
+        "tsv": {**origin, "models": entries(ft), "parameters": {"lambda": 1.0}},
+        "consensus_ta": {**origin, "models": entries(ft, weight=0.5)},
+        "consensus_ties": {**origin, "models": entries(ft, weight=0.5, density=0.5)},
+        "wudi": {**origin, "models": entries(ft)},
+        "wudi_exact": {**origin, "models": entries(ft), "parameters": {"solver": "exact"}},
+        "regmean": {"models": [{**e, "calibration": CALIBRATION} for e in entries(ft)]},
+        "regmean_plus_plus": {"models": [{**e, "calibration": CALIBRATION} for e in entries(ft)]},
     }
     if method not in recipes:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    return {"merge_method": method, **recipes[method], "dtype": "bfloat16"}
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS + BEYOND_MERGEKIT}")
+    return {"merge_method": method.removesuffix("_exact"), **recipes[method], "dtype": "bfloat16"}
 
 
 def write_recipe(path: Path, method: str, base: Path, finetuned: list[Path]) -> Path:
@@ -354,6 +370,25 @@ def markdown_table(rows: list[dict], machine: dict, family: dict) -> str:
     return "\n".join(out)
 
 
+def beyond_table(rows: list[dict], ties: dict | None) -> str:
+    """Methods mergekit lacks: our time and peak RSS against TIES's in the same run (ours and mergekit's)."""
+    ours_ties = (ties or {}).get("ours", {})
+    mergekit_ties = (ties or {}).get("mergekit", {})
+
+    def number(value, suffix="") -> str:
+        return "n/a" if value is None else f"{value:.2f}{suffix}"
+
+    out = ["| method (ours only) | s | time ÷ our TIES | peak RSS GB | RSS ÷ mergekit's TIES |", "|---|---|---|---|---|"]
+    for row in rows:
+        o = row["ours"]
+        if o.get("wall_s") is None:
+            out.append(f"| {row['method']} | {(o.get('error') or 'n/a').replace('|', '/')} | | | |")
+            continue
+        out.append(f"| {row['method']} | {o['wall_s']:.2f} | {number(ratio(o['wall_s'], ours_ties.get('wall_s')), 'x')} "
+                   f"| {o['peak_rss_gb']:.2f} | {number(ratio(o['peak_rss_gb'], mergekit_ties.get('peak_rss_gb')), 'x')} |")
+    return "\n".join(out)
+
+
 def count_params(base: Path) -> int:
     """Number of parameters stored in a safetensors checkpoint folder."""
     from safetensors import safe_open
@@ -379,8 +414,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the family, recipes, outputs and logs go (default: %(default)s)")
     p.add_argument("--size", choices=sorted(SIZES), default="170m")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated methods, or 'all' (every method of mergekit 0.1.5: %s); default %s"
-                        % (",".join(METHODS), ",".join(DEFAULT_METHODS)))
+                   help="comma-separated methods, 'all' (every method of mergekit 0.1.5: %s) or 'beyond' "
+                        "(ties and the methods mergekit lacks, run by ours only: %s); default %s"
+                        % (",".join(METHODS), ",".join(BEYOND_MERGEKIT), ",".join(DEFAULT_METHODS)))
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="measured runs per tool and method")
     p.add_argument("--warmup", action="store_true",
@@ -391,10 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ours-args", default="", help="extra arguments for our CLI, shell-quoted; use the = form: --ours-args='--foo 1'")
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, shell-quoted; use the = form: --mergekit-args=--lazy-unpickle")
     args = p.parse_args(argv)
-    args.methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
+    named = {"all": list(METHODS), "beyond": ["ties", *BEYOND_MERGEKIT]}
+    args.methods = named.get(args.methods) or [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS + BEYOND_MERGEKIT]
     if bad:
-        p.error(f"unknown method(s) {bad}; choose from {METHODS}")
+        p.error(f"unknown method(s) {bad}; choose from {METHODS + BEYOND_MERGEKIT}")
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     if not args.tools or any(t not in TOOLS for t in args.tools):
         p.error(f"--tools must be a subset of {TOOLS}")
@@ -448,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             # Alternate which tool goes first, so neither always gets the warmer cache.
             order = args.tools if (i + rep) % 2 == 0 else list(reversed(args.tools))
-            for tool in order:
+            for tool in [t for t in order if t == "ours" or method in METHODS]:
                 all_runs.setdefault((method, tool), []).append(one(tool, method))
 
     rows = []
@@ -468,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
                 "params_m": params / 1e6, "repeats": args.repeats, "shape": shape,
                 "base": str(family.base), "finetuned": [str(p) for p in family.finetuned],
                 "build_or_reuse_s": build_s, "loadavg_1m": loadavg}
-    table = markdown_table(rows, machine, fam_info)
+    table = markdown_table([r for r in rows if r["method"] in METHODS], machine, fam_info)
+    beyond = [r for r in rows if r["method"] in BEYOND_MERGEKIT]
+    if beyond:
+        table += "\n\n" + beyond_table(beyond, next((r for r in rows if r["method"] == "ties"), None))
     print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
