@@ -48,16 +48,22 @@ def register(settings: Settings, pool: ModelPool) -> None:
             text += chunk
             yield text
 
-    def redundancy(base: str, sources: list[str], density: float = 0.2, request: gr.Request = None) -> dict:
+    def redundancy(base: str, sources: list[str], density: float = 0.2, merged: str = "",
+                   request: gr.Request = None) -> dict:
         """The redundancy statistics of the sources' task vectors on ``base`` (as the Redundancy tab).
 
         Returns the whole-model and per-layer figures: {"base", "models" {label: reference},
-        "density", "device", "seconds", "model", "layers", "definitions"}, where "model" and
-        each layer hold per-label "deltas" (norm, relative_norm, quantiles, energy_top, ...),
-        "conflicts" (sign-conflict rates before and after TIES trimming to ``density``) and
-        "cosine" (label -> label). Per-tensor figures and the histogram are left out.
+        "density", "device", "seconds", "spectral_seconds", "merged", "merged_label", "model",
+        "layers", "definitions"}, where "model" and each layer hold per-label "deltas" (norm,
+        relative_norm, quantiles, energy_top, ...), "conflicts" (sign-conflict rates before and
+        after TIES trimming to ``density``), "cosine" (label -> label) and "spectral" (singular
+        values of the weight matrices: pooled spectra, the share of ‖δ‖²_F in the top 1/5/10% of
+        singular values, subspace overlaps between tasks; the same for their sum and, when
+        ``merged`` names a merge such as merge_recipe's "output", its update). Per-tensor
+        figures and the histogram are left out.
         """
-        stats = session.measure(settings, base, list(sources or []), density, session_hash(request))
+        stats = session.measure(settings, base, list(sources or []), density, session_hash(request),
+                                merged=merged or None)
         summary = stats.to_dict()
         for detail in ("tensors", "histogram"):
             summary.pop(detail)

@@ -18,12 +18,15 @@ from viz.report import EXPLANATIONS, findings, write_report
 from viz.stats import RedundancyStats
 from viz.sweep import DROP_RATES, SweepResult, dare_sweep
 
-FIGURES = ("magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity")
+FIGURES = ("magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity", "spectra", "spectral_energy",
+           "subspace_overlap")
+NO_MERGE = "none"
 
 
 @dataclass
 class RedundancyTab:
     density: gr.Slider
+    merged: gr.Dropdown
     compute: gr.Button
     stop_button: gr.Button
     findings: gr.Markdown
@@ -49,10 +52,14 @@ def layout(settings: Settings) -> RedundancyTab:
         "Fine-tuning moves a model by a **task vector** δ = θ_fine-tuned − θ_base. These views, computed "
         "from the base and sources chosen in the Models tab (one tensor at a time, nothing loaded as a "
         "model), show how small and redundant δ is, and where task vectors conflict: the reasons DARE, "
-        "TIES and friends work."
+        "TIES and friends work. Seen as matrices, their singular values show how low-rank fine-tuning is and "
+        "how much the tasks' subspaces overlap, before and after a merge of this session: what TSV-M and "
+        "Iso-C/CTS build on."
     )
     with gr.Row():
         density = gr.Slider(0.05, 1, value=0.2, step=0.05, label="TIES density for the trimmed sign conflicts", scale=3)
+        merged = gr.Dropdown([(NO_MERGE, NO_MERGE)], value=NO_MERGE, label="Merged model to compare (this session's merges)",
+                             scale=2)
         compute = gr.Button("Compute statistics", variant="primary", scale=1)
         stop = gr.Button("Stop", variant="stop", scale=1)
     found = gr.Markdown()
@@ -81,19 +88,21 @@ def layout(settings: Settings) -> RedundancyTab:
     with gr.Row():
         report_button = gr.Button("Make the HTML report")
         report_file = gr.File(label="Redundancy report (self-contained HTML)", interactive=False)
-    return RedundancyTab(density, compute, stop, found, plots, swept, suite, suite_file, text_file, sweep_button,
+    return RedundancyTab(density, merged, compute, stop, found, plots, swept, suite, suite_file, text_file, sweep_button,
                          sweep_summary, sweep_plot, report_button, report_file, gr.State(None), gr.State(None),
                          gr.State(StopSignal()))
 
 
 # -- handlers -------------------------------------------------------------------------------------
 
-def run_stats(settings: Settings, base: str, sources: list[str], trim: float, signal: StopSignal,
-              request: gr.Request, progress=gr.Progress()):
+def run_stats(settings: Settings, base: str, sources: list[str], trim: float, merged: str | None, done: list,
+              signal: StopSignal, request: gr.Request, progress=gr.Progress()):
     progress(0, desc="opening the models")
+    merged = None if merged in (None, "", NO_MERGE) else merged
     try:
         stats = session.measure(
-            settings, base, sources, trim, session_hash(request), cancel=signal.event,
+            settings, base, sources, trim, session_hash(request), cancel=signal.event, merged=merged,
+            merged_label=session.label_of(settings, merged, done).removeprefix("merged: ") if merged else None,
             progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
         )
     except Cancelled:
@@ -141,20 +150,32 @@ def sources_changed(settings: Settings, sources: list[str], current: str | None)
     return gr.Dropdown(choices=options, value=value)
 
 
+def merges_changed(done: list, current: str | None):
+    """The merged-model picker offers this session's merges (or none), keeping the current choice."""
+    options = [(NO_MERGE, NO_MERGE), *[(f"merged: {r['name']}", r["output"]) for r in done or []]]
+    return gr.Dropdown(choices=options, value=current if current in [value for _, value in options] else NO_MERGE)
+
+
 def findings_markdown(stats: RedundancyStats) -> str:
     """What the numbers say, in a few lines of Markdown (``viz.report.findings``, labels escaped)."""
-    header = (f"Measured {len(stats.tensors)} tensors of {len(stats.labels)} model(s) in {stats.seconds:.1f} s "
-              f"on {stats.device}.")
+    spectral = f" (singular values: {stats.spectral_seconds:.1f} s)" if stats.spectral_seconds is not None else ""
+    merged = f", compared with the merge {stats.merged_label}," if stats.merged else ""
+    header = (f"Measured {len(stats.tensors)} tensors of {len(stats.labels)} model(s){merged} in {stats.seconds:.1f} s"
+              f"{spectral} on {stats.device}.")
     return "\n".join([header, *(f"- {line}" for line in findings(stats))])
 
 
 # -- wiring ---------------------------------------------------------------------------------------
 
-def wire(tab: RedundancyTab, settings: Settings, models) -> None:
-    """``models``: the Models tab, whose base and sources are measured."""
+def wire(tab: RedundancyTab, settings: Settings, models, results: gr.State | None = None) -> None:
+    """``models``: the Models tab, whose base and sources are measured; ``results``: this session's
+    merges (the Merge tab's), offered for comparison."""
     heavy = dict(concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
+    results = results if results is not None else gr.State([])
     stoppable(tab.compute.click, tab.stop, handler(run_stats, settings),
-              [models.base, models.sources, tab.density, tab.stop], [tab.stats, *tab.plots.values(), tab.findings], **heavy)
+              [models.base, models.sources, tab.density, tab.merged, results, tab.stop],
+              [tab.stats, *tab.plots.values(), tab.findings], **heavy)
+    results.change(merges_changed, [results, tab.merged], [tab.merged], **INSTANT)
     stoppable(tab.sweep_button.click, tab.stop, handler(run_sweep, settings),
               [models.base, tab.swept, tab.suite, tab.suite_file, tab.text_file, tab.stats, tab.stop],
               [tab.sweep, tab.sweep_summary, tab.sweep_plot], **heavy)
@@ -163,7 +184,7 @@ def wire(tab: RedundancyTab, settings: Settings, models) -> None:
     models.sources.change(handler(sources_changed, settings), [models.sources, tab.swept], [tab.swept], **INSTANT)
 
 
-def build(settings: Settings, models) -> RedundancyTab:
+def build(settings: Settings, models, results: gr.State | None = None) -> RedundancyTab:
     tab = layout(settings)
-    wire(tab, settings, models)
+    wire(tab, settings, models, results)
     return tab

@@ -165,19 +165,23 @@ def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None,
 
 
 def measure(settings: Settings, base: str, sources: list[str], density: float, session_hash: str | None, *,
-            cancel=None, progress=None) -> RedundancyStats:
+            cancel=None, progress=None, merged: str | None = None, merged_label: str | None = None) -> RedundancyStats:
     """The redundancy statistics of ``sources`` on ``base`` as the session may compute them: under
     its policy, labelled as the pickers name them, on one CPU thread (the pass is many small ops;
-    see ``viz.stats.delta_statistics``)."""
+    see ``viz.stats.delta_statistics``). ``merged``: a merge (of this session, say) whose update
+    joins the singular-value statistics."""
     if not base or not sources:
         raise MergeStudioError("choose a base and at least one source model in the Models tab")
     if not isinstance(base, str) or isinstance(sources, str) or not all(isinstance(ref, str) for ref in sources):
         raise MergeStudioError("give the base as a model reference and the sources as a list of model references")
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise MergeStudioError(f"density must be a number in (0, 1], got {density!r}")
+    if merged is not None and not isinstance(merged, str):
+        raise MergeStudioError("give the merged model as a model reference")
     labels = model_labels([label_of(settings, ref) for ref in sources])
     return delta_statistics(base, sources, density=density, device=settings.device, policy=policy(settings, session_hash),
-                            labels=labels, threads=1, cancel=cancel, progress=progress)
+                            labels=labels, threads=1, cancel=cancel, progress=progress, merged=merged or None,
+                            merged_label=merged_label)
 
 
 class StopSignal:

@@ -32,7 +32,7 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
             with gr.Tab("Merge"):
                 merged = merge_tab.build(settings, demo, models)
             with gr.Tab("Redundancy"):
-                redundancy_tab.build(settings, models)
+                redundancy_tab.build(settings, models, merged.results)
             with gr.Tab("Chat"):
                 chat_tab.build(settings, pool, merged.results)
             with gr.Tab("Evaluate"):

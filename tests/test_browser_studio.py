@@ -3,7 +3,7 @@
 One walk through the product: the six tabs are there; on the Merge tab, choosing TIES rebuilds
 the controls from its spec (a density slider per model) and editing one updates the YAML; the
 merge runs from the Merge button; the result chats beside a source with both answers streaming;
-the Redundancy tab draws its Plotly figures. Screenshots go to the test's tmp folder
+the Redundancy tab draws its Plotly figures, the singular-value spectra with that merge. Screenshots go to the test's tmp folder
 (``MERGE_STUDIO_SCREENSHOTS`` keeps them elsewhere).
 """
 
@@ -55,6 +55,8 @@ def shot(page, tmp_path, name: str) -> Path:
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
 def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
+    from playwright.sync_api import expect
+
     for name in ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export"):
         page.get_by_role("tab", name=name).wait_for()
     page.get_by_text("All 2 source model(s) can be merged with the base").wait_for()
@@ -98,12 +100,21 @@ def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
     page.get_by_text(re.compile(r"Stopped in [\d.]+ s")).wait_for()
     assert page.get_by_test_id("bot").count() == 4
 
-    # Redundancy: the viz figures render as Plotly plots.
+    # Redundancy: the viz figures render as Plotly plots, the singular-value views with the merge
+    # made above (offered by the merged-model picker) beside the sources.
     page.get_by_role("tab", name="Redundancy").click()
+    page.get_by_label("Merged model to compare (this session's merges)").click()
+    page.get_by_role("option", name=re.compile("^merged: ties-")).click()
     page.get_by_role("button", name="Compute statistics").click()
-    page.locator(".js-plotly-plot").nth(4).wait_for()
-    assert page.locator(".js-plotly-plot").count() == 5
-    page.get_by_text("Measured 20 tensors of 2 model(s)").wait_for()
+    page.locator(".js-plotly-plot").nth(7).wait_for()
+    assert page.locator(".js-plotly-plot").count() == 8
+    page.get_by_text(re.compile(r"Measured 20 tensors of 2 model\(s\), compared with the merge ties-")).wait_for()
+    spectra = page.locator(".js-plotly-plot").filter(has_text="Singular-value spectra")
+    expect(spectra.locator(".legendtext")).to_have_text(["expert-a", "expert-b", "Σδᵢ (sum of the task matrices)",
+                                                          re.compile("^merged: ties-")])
+    assert spectra.locator(".scatterlayer .trace path.js-line").count() == 4  # a drawn line per spectrum
+    overlap = page.locator(".js-plotly-plot").filter(has_text="Subspace interference")
+    expect(overlap.locator(".legendtext").filter(has_text="in the merged update")).to_have_count(1)
     shot(page, tmp_path, "redundancy")
     assert not page.errors, page.errors
 

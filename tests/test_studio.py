@@ -151,6 +151,9 @@ def test_redundancy_endpoint_measures_the_task_vectors_by_name(studio, tiny):
     assert model["conflicts"]["trimmed_eligible"] < model["conflicts"]["eligible"]
     assert -1 <= model["cosine"]["expert-a"]["expert-b"] <= 1
     assert [layer["name"] for layer in stats["layers"]][:2] == ["embeddings", "layer 0"]
+    spectral = model["spectral"]  # singular values of the weight matrices
+    assert 0 < spectral["energy_top"]["expert-a"]["0.01"] < 1 and 0 <= spectral["overlap_left"]["expert-a"]["expert-b"] <= 1
+    assert stats["merged"] is None and spectral["merged_spectrum"] is None
     with pytest.raises(AppError, match="density must be a number"):
         client.predict(str(tiny.base), [str(tiny.finetuned[0])], "dense", api_name="/redundancy")
 

@@ -96,7 +96,7 @@ def test_a_model_keeps_its_colour_across_figures(stats):
     colors = figures.model_colors(stats.labels)
     sweep = _sweep({"random": [0.9] * 6})
     drawn = figures.all_figures(stats, sweep)
-    for name in ("magnitudes", "relative_norm", "energy"):
+    for name in ("magnitudes", "relative_norm", "energy", "spectra", "spectral_energy"):
         for trace in drawn[name].data:
             label = trace.name.split(" (")[0].split(":")[0]
             if label in colors:
@@ -151,3 +151,88 @@ def test_a_sweep_that_breaks_at_the_first_drop_says_so():
     sweep = _sweep({"random": [0.94, 0.3, 0.2, 0.1, 0.0, 0.0]})
     assert sweep.breaking_point("random") == (0.0, 0.5)
     assert sweep.summary()[1] == f"{METHOD_TITLES['random']}: breaks already at a 50% drop (accuracy 30%, keeps 32%)."
+
+
+# -- singular-value views ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def merged_stats(tmp_path_factory):
+    """The tiny family's statistics with a TIES merge of it as the merged model."""
+    from merging.engine import merge
+    from merging.recipe import load_recipe
+
+    fam = viz_family()
+    out = tmp_path_factory.mktemp("viz-figures") / "ties"
+    merge(load_recipe({"merge_method": "ties", "base_model": str(fam.base), "models": [
+        {"model": str(m), "parameters": {"weight": 1.0, "density": 0.3}} for m in fam.finetuned]}), out, device="cpu")
+    return delta_statistics(fam.base, fam.finetuned, density=0.2, device="cpu", threads=1, merged=out)
+
+
+def test_spectra_have_a_line_per_model_the_sum_and_the_merge_and_a_slider_over_layers(merged_stats):
+    stats = merged_stats
+    figure = figures.singular_value_spectra(stats)
+    names = [t.name for t in figure.data]
+    assert names == [*stats.labels, figures.SUM_LABEL, "merged: ties"]
+    colors = figures.model_colors(stats.labels)
+    assert [t.line.color for t in figure.data[:3]] == [colors[label] for label in stats.labels]
+    ft2 = figure.data[1]
+    assert list(ft2.y) == stats.model.spectral.spectra["ft2"].values and list(ft2.x) == stats.model.spectral.spectra["ft2"].index
+    assert "<b>ft2</b> · whole model" in ft2.hovertemplate and "numerical rank" in ft2.hovertemplate
+    assert figure.layout.xaxis.type == figure.layout.yaxis.type == "log"
+    assert "log scale" in figure.layout.xaxis.title.text and "weight units" in figure.layout.yaxis.title.text
+    steps = figure.layout.sliders[0].steps
+    layers = [g for g in stats.layers if g.spectral is not None]
+    assert [s.label for s in steps] == ["whole model", *[figures._axis_label(g) for g in layers]]
+    layer_1 = steps[[g.name for g in layers].index("layer 1") + 1].args[0]
+    assert layer_1["y"][3] == stats.layers[2].spectral.sum_spectrum.values  # the sum, in layer 1
+    assert "layer 1" in layer_1["hovertemplate"][4] and "merged: ties" in layer_1["hovertemplate"][4]
+
+
+def test_effective_rank_curves_show_the_shares_of_the_top_singular_values(merged_stats):
+    stats = merged_stats
+    figure = figures.spectral_energy(stats)
+    whole = {t.name: t for t in figure.data if t.mode == "lines+markers"}
+    assert list(whole) == [*stats.labels, figures.SUM_LABEL, "merged: ties"]
+    assert list(whole["ft1"].x) == [1, 5, 10, 100]
+    assert whole["ft1"].y[1] == pytest.approx(100 * stats.model.spectral.energy_top["ft1"]["0.05"])
+    assert whole["merged: ties"].y[2] == pytest.approx(100 * stats.model.spectral.merged_energy_top["0.1"])
+    per_layer = [t for t in figure.data if t.name.startswith("ft3: ")]
+    assert [t.name for t in per_layer] == [f"ft3: {g.name}" for g in stats.layers if g.spectral is not None]
+    assert "· layer 0" in per_layer[1].hovertemplate and any(t.name.startswith("flat spectrum") for t in figure.data)
+    assert "(%)" in figure.layout.yaxis.title.text
+
+
+def test_subspace_overlap_per_layer_before_and_after_merging_against_chance(merged_stats):
+    stats = merged_stats
+    figure = figures.subspace_overlap(stats)
+    lines = [t for t in figure.data if t.mode == "lines+markers" and not t.name.endswith(": alignment")]
+    assert [t.name for t in lines] == ["before merging (the task matrices)", "in the merged update (ties)"] * 2
+    groups = [g for g in stats.layers if g.spectral is not None and g.spectral.chance_left is not None]
+    before_left, after_left, before_right, _ = lines
+    assert list(before_left.x) == [figures._axis_label(g) for g in groups]
+    pairs = [("ft1", "ft2"), ("ft1", "ft3"), ("ft2", "ft3")]
+    expected = sum(groups[1].spectral.overlap_left[a][b] for a, b in pairs) / 3
+    assert before_left.y[1] == pytest.approx(expected)
+    assert after_left.y[1] == pytest.approx(sum(groups[1].spectral.merged_overlap_left[a][b] for a, b in pairs) / 3)
+    assert before_right.xaxis == "x2" and before_right.line.color == figures.BEFORE
+    dots = next(t for t in figure.data if t.name == "before merging (the task matrices): pairs")
+    assert {row[1] for row in dots.customdata} == {"ft1 · ft2", "ft1 · ft3", "ft2 · ft3"}
+    assert "%{customdata[0]}" in dots.hovertemplate and "%{customdata[1]}" in dots.hovertemplate  # layer and pair
+    chance = next(t for t in figure.data if t.name.startswith("random subspaces"))
+    assert chance.y[1] == pytest.approx(groups[1].spectral.chance_left)
+    assert tuple(figure.layout.yaxis.range) == (0, 1.02)
+    alignment = [t for t in figure.data if t.name.endswith(": alignment")]
+    assert [t.name for t in alignment] == [f"{label}: alignment" for label in stats.labels]
+    assert alignment[1].xaxis == "x3" and alignment[1].line.color == figures.model_colors(stats.labels)["ft2"]
+    assert alignment[1].y[1] == pytest.approx(groups[1].spectral.merged_alignment["ft2"])
+    assert "<b>ft2</b> · %{customdata[0]}" in alignment[1].hovertemplate
+
+
+def test_singular_value_views_say_when_they_were_not_computed(stats):
+    bare = delta_statistics(viz_family().base, viz_family().finetuned[:1], device="cpu", threads=1, spectra=False)
+    for draw in (figures.singular_value_spectra, figures.spectral_energy, figures.subspace_overlap):
+        assert "not computed" in draw(bare).layout.annotations[-1].text
+    single = delta_statistics(viz_family().base, viz_family().finetuned[:1], device="cpu", threads=1)
+    assert "two or more" in figures.subspace_overlap(single).layout.annotations[-1].text
+    assert [t.name for t in figures.singular_value_spectra(single).data] == ["ft1"]  # no sum of one model

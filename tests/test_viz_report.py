@@ -22,7 +22,8 @@ from viz.stats import delta_statistics
 from viz.sweep import dare_sweep, sweep_recipe
 
 CHROMIUM = "/usr/bin/chromium"
-FIGURES = ["magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity", "sweep"]
+FIGURES = ["magnitudes", "relative_norm", "energy", "sign_conflicts", "similarity", "spectra", "spectral_energy",
+           "subspace_overlap", "sweep"]
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -37,16 +38,20 @@ def run_viz(capsys, *args) -> CliResult:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """A full report (statistics and a two-point sweep on a JSONL suite and a text) of a tiny family."""
+    """A full report (statistics with a TIES merge to compare, and a two-point sweep on a JSONL suite
+    and a text) of a tiny family."""
     fam = viz_family()
     root = tmp_path_factory.mktemp("viz-report")
+    merged = root / "ties"
+    merge(load_recipe({"merge_method": "ties", "base_model": str(fam.base), "models": [
+        {"model": str(m), "parameters": {"weight": 1.0, "density": 0.3}} for m in fam.finetuned]}), merged, device="cpu")
     suite = root / "suite.jsonl"
     suite.write_text("".join(json.dumps({"prompt": f"Say {w}.", "answer": w}) + "\n" for w in ("apple", "river")))
     text = root / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 10)
     out = root / "report"
     code = cli.main(["report", str(fam.base), *map(str, fam.finetuned), "--out", str(out), "--suite", str(suite),
-                     "--text", str(text), "--rates", "0.9", "--device", "cpu", "--quiet"])
+                     "--text", str(text), "--rates", "0.9", "--device", "cpu", "--quiet", "--merged", str(merged)])
     assert code == 0
     return out
 
@@ -56,6 +61,9 @@ def test_report_folder_holds_the_page_and_the_numbers(report):
     assert not [p for p in report.parent.iterdir() if p.name.startswith(".report.")]  # no partial folder left
     stats = json.loads((report / "stats.json").read_text())
     assert list(stats["models"]) == ["ft1", "ft2", "ft3"] and stats["density"] == 0.2
+    assert stats["merged_label"] == "ties" and stats["merged"].endswith("ties")
+    spectral = stats["model"]["spectral"]
+    assert set(spectral["energy_top"]) == {"ft1", "ft2", "ft3"} and spectral["merged_overlap_left"]["ft1"]["ft2"] is not None
     sweep = json.loads((report / "sweep.json").read_text())
     assert [(p["method"], p["drop_rate"]) for p in sweep["points"]] == [
         ("random", 0.0), ("magnitude", 0.0), ("random", 0.9), ("magnitude", 0.9)]
@@ -64,13 +72,17 @@ def test_report_folder_holds_the_page_and_the_numbers(report):
     assert "<script src=" not in page and "Plotly.newPlot" in page  # plotly.js inlined: opens offline
     for name in FIGURES:
         assert f'id="figure-{name}"' in page
-    for heading in ("What it shows.", "How to read it.", "Where it breaks"):
+    for heading in ("What it shows.", "How to read it.", "Where it breaks", "Subspace interference between tasks",
+                    "Effective rank: how low-rank each task vector is", "merged model ties"):
         assert heading in page
 
 
 def test_existing_output_and_bad_input_are_one_line_errors(report, capsys, tmp_path):
     fam = viz_family()
     models = [fam.base, fam.finetuned[0]]
+    message = error_line(run_viz(capsys, "report", *models, "--out", tmp_path / "m", "--merged", fam.finetuned[1],
+                                 "--no-spectra", "--no-sweep"))
+    assert "--merged" in message and "--no-spectra" in message
     message = error_line(run_viz(capsys, "report", *models, "--out", report, "--no-sweep"))
     assert "not empty" in message and "--overwrite" in message
     assert "density" in error_line(run_viz(capsys, "report", *models, "--out", tmp_path / "a", "--density", "1.5", "--no-sweep"))
@@ -197,9 +209,11 @@ def test_findings_are_one_text_that_escapes_model_labels():
     fam = viz_family()
     stats = delta_statistics(fam.base, fam.finetuned[:2], labels=[HOSTILE, "b"], device="cpu", threads=1)
     lines = findings(stats)
-    assert len(lines) == 3 and all(HOSTILE not in line for line in lines)
-    assert "&lt;img src=x onerror=alert(1)&gt;" in lines[0]
+    assert len(lines) == 5 and all(HOSTILE not in line for line in lines)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in lines[0] and "&lt;img src=x onerror=alert(1)&gt;" in lines[3]
     assert "largest 20%" in lines[1] and "disagree in sign" in lines[2] and "density 0.2" in lines[2]
+    assert "top 1% / 5% / 10% of each weight matrix's singular values" in lines[3]
+    assert "singular subspaces overlap" in lines[4] and "random subspaces" in lines[4]
     markdown = tab_findings(stats)
     assert HOSTILE not in markdown and markdown.startswith("Measured ")
     assert all(f"- {line}" in markdown.splitlines() for line in lines)

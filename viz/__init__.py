@@ -5,6 +5,7 @@
     from viz.report import write_report
 
     stats = delta_statistics("base/", ["ft-a/", "ft-b/"], density=0.2, threads=1)
+    stats = delta_statistics("base/", ["ft-a/", "ft-b/"], merged="merge/")  # its update in the SVD views
     sweep = dare_sweep("base/", "ft-a/", suite="zoo")        # minutes: one merge + evaluation per point
     all_figures(stats, sweep)                                 # {name: plotly Figure}
     write_report("out/", stats, sweep)                        # out/report.html, stats.json, sweep.json

@@ -40,6 +40,12 @@ def _arguments(report: argparse.ArgumentParser) -> None:
                              f"(default: {default_suite() or 'none'}; 'zoo' is the demo tasks)")
     report.add_argument("--text", type=Path, default=None, help="a UTF-8 text file: the sweep also measures perplexity on it")
     report.add_argument("--density", type=float, default=0.2, help="TIES trim density for the sign conflicts after trimming (default 0.2)")
+    report.add_argument("--merged", metavar="FOLDER", default=None,
+                        help="a merge of the FT models (local folder or Hub id): its update θ_merged − θ_base joins the "
+                             "singular-value views (spectrum, effective rank, subspace overlap after merging)")
+    report.add_argument("--spectra", action=argparse.BooleanOptionalAction, default=True,
+                        help="singular values of every 2-D weight matrix: spectra, effective rank, subspace overlap "
+                             "(default on; about 1-2 s more on the demo family, one SVD per matrix and model)")
     report.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                         help="run the DARE drop-rate sweep on the first FT (minutes: one merge and evaluation per point)")
     report.add_argument("--rates", type=_rates, default=DROP_RATES,
@@ -85,11 +91,15 @@ def cmd_report(args) -> int:
     policy = SourcePolicy()
     # source folders from their configs alone (a few KB for Hub models), so a bad output folder
     # fails before minutes of statistics and sweep
-    protected = [resolve_model(ref, policy, weights=False).folder for ref in [args.base, *args.finetuned]]
+    if args.merged is not None and not args.spectra:
+        raise MergeStudioError("--merged is compared in the singular-value views; drop --no-spectra")
+    refs = [args.base, *args.finetuned, *([args.merged] if args.merged is not None else [])]
+    protected = [resolve_model(ref, policy, weights=False).folder for ref in refs]
     with report_output(args.out, overwrite=args.overwrite, protected=protected) as folder:
         try:
             stats = delta_statistics(args.base, args.finetuned, density=args.density, device=args.device,
-                                     progress=progress("statistics", "tensor"), policy=policy, threads=args.threads or 1)
+                                     progress=progress("statistics", "tensor"), policy=policy, threads=args.threads or 1,
+                                     merged=args.merged, spectra=args.spectra)
             sweep = None
             if args.sweep:
                 sweep = dare_sweep(args.base, args.finetuned[0], rates=args.rates, suite=suite, text=args.text,

@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from merging.units import format_count
 from viz.measures import TOP_FRACTIONS
+from viz.spectral import SV_FRACTIONS
 from viz.stats import GroupStats, RedundancyStats
 from viz.sweep import METHOD_TITLES, SweepResult
 
@@ -260,7 +261,201 @@ def task_vector_similarity(stats: RedundancyStats) -> go.Figure:
     return figure
 
 
-# -- 6. the DARE sweep -------------------------------------------------------------------------
+# -- 6. singular-value spectra -------------------------------------------------------------------
+
+SUM_LABEL = "Σδᵢ (sum of the task matrices)"
+
+
+def _spectral_groups(stats: RedundancyStats) -> list[GroupStats]:
+    """The whole model, then every layer group holding weight matrices."""
+    return [stats.model, *[g for g in stats.layers if g.spectral is not None and g.spectral.matrices]]
+
+
+def _spectral_series(stats: RedundancyStats) -> list[tuple[str, str, str, object]]:
+    """(name, colour, dash, spectrum of a SpectralStats) of each line: the models, Σδᵢ, the merge."""
+    colors = model_colors(stats.labels)
+    series = [(label, colors[label], "solid", lambda sp, label=label: sp.spectra.get(label)) for label in stats.labels]
+    if stats.model.spectral.sum_spectrum is not None:
+        series.append((SUM_LABEL, BEFORE, "dash", lambda sp: sp.sum_spectrum))
+    if stats.model.spectral.merged_spectrum is not None:
+        series.append((f"merged: {stats.merged_label}", AFTER, "dashdot", lambda sp: sp.merged_spectrum))
+    return series
+
+
+def _no_spectra(figure: go.Figure) -> go.Figure:
+    return _note(figure, "singular values were not computed (python -m viz report without --no-spectra)")
+
+
+def singular_value_spectra(stats: RedundancyStats) -> go.Figure:
+    """σ against its index (log-log) for each δᵢ, Σδᵢ and the merged update, pooled over the weight
+    matrices of the whole model or, chosen with the slider, of one layer."""
+    figure = _figure(
+        "Singular-value spectra of the task matrices δᵢ, their sum Σδᵢ and the merged update",
+        "singular value index, largest first (all weight matrices of the group pooled; log scale)",
+        "singular value σ (weight units; log scale)",
+    )
+    if stats.model.spectral is None:
+        return _no_spectra(figure)
+    series = _spectral_series(stats)
+    groups = _spectral_groups(stats)
+
+    def trace_data(name: str, spectrum, group: GroupStats) -> dict:
+        if spectrum is None or not spectrum.values:
+            return dict(x=[], y=[], hovertemplate="")
+        rank = (f"numerical rank {spectrum.numerical_rank:,} of {spectrum.rank:,}" if spectrum.numerical_rank is not None
+                else f"top {spectrum.known:,} of {spectrum.rank:,} values, approximate (randomized SVD)")
+        where = "whole model" if group.name == "model" else group.name
+        return dict(x=spectrum.index, y=spectrum.values,
+                    hovertemplate=f"<b>{name}</b> · {where}<br>σ<sub>%{{x}}</sub> = %{{y:.3g}}<br>{rank}<extra></extra>")
+
+    for name, color, dash, pick in series:
+        figure.add_trace(go.Scatter(mode="lines+markers", name=name, line=dict(color=color, dash=dash, width=2),
+                                    marker=dict(size=4), **trace_data(name, pick(stats.model.spectral), stats.model)))
+    steps = []
+    for group in groups:
+        data = [trace_data(name, pick(group.spectral), group) for name, _, _, pick in series]
+        steps.append(dict(label="whole model" if group.name == "model" else _axis_label(group), method="restyle",
+                          args=[{key: [d[key] for d in data] for key in ("x", "y", "hovertemplate")}]))
+    # a slider, not a dropdown: a menu of 30 layers would hang far below the plot
+    figure.update_layout(sliders=[dict(steps=steps, active=0, pad=dict(t=70), len=1.0, x=0.0,
+                                       currentvalue=dict(prefix="showing: ", font=dict(size=13)))],
+                         height=560)
+    figure.update_xaxes(type="log", exponentformat="power")
+    figure.update_yaxes(type="log", exponentformat="power")
+    return figure
+
+
+# -- 7. effective rank ----------------------------------------------------------------------------
+
+def spectral_energy(stats: RedundancyStats) -> go.Figure:
+    """Share of ‖δ‖²_F held by the top k% of each weight matrix's singular values: a bold line per
+    model (whole model), a faint one per layer, Σδᵢ and the merged update dashed; the diagonal is a
+    flat spectrum."""
+    figure = _figure(
+        "How low-rank each task vector is: share of ‖δ‖²_F in its largest k% of singular values",
+        "top k% of the singular values of each weight matrix (log scale)",
+        "share of the task matrices' energy ‖δ‖²_F (%)",
+    )
+    if stats.model.spectral is None:
+        return _no_spectra(figure)
+    fractions = list(SV_FRACTIONS)
+    ks = [100 * f for f in fractions] + [100.0]
+    figure.add_trace(go.Scatter(
+        x=ks, y=ks, mode="lines", name="flat spectrum (every singular value equal)",
+        line=dict(color=NEUTRAL, dash="dot"), hovertemplate="top %{x:g}% of singular values hold %{y:g}%<extra>flat</extra>",
+    ))
+
+    def curve(shares: dict[str, float | None] | None) -> list[float | None] | None:
+        if shares is None or shares[f"{fractions[0]:g}"] is None:
+            return None
+        return [_percent(shares[f"{f:g}"]) for f in fractions] + [100.0]
+
+    colors = model_colors(stats.labels)
+    for label in stats.labels:
+        for group in _spectral_groups(stats)[1:]:
+            y = curve(group.spectral.energy_top.get(label))
+            if y is None:
+                continue  # this layer's matrices did not change
+            figure.add_trace(go.Scatter(
+                x=ks, y=y, mode="lines", legendgroup=label, showlegend=False, name=f"{label}: {group.name}",
+                line=dict(color=colors[label], width=1), opacity=0.25,
+                hovertemplate=f"<b>{label}</b> · {group.name}<br>top %{{x:g}}% of singular values hold %{{y:.1f}}% of ‖δ‖²<extra></extra>",
+            ))
+        figure.add_trace(go.Scatter(
+            x=ks, y=curve(stats.model.spectral.energy_top.get(label)), mode="lines+markers", name=label, legendgroup=label,
+            line=dict(color=colors[label], width=3),
+            hovertemplate=f"<b>{label}</b> · whole model<br>top %{{x:g}}% of singular values hold %{{y:.1f}}% of ‖δ‖²<extra></extra>",
+        ))
+    extra = [(SUM_LABEL, BEFORE, stats.model.spectral.sum_energy_top),
+             (f"merged: {stats.merged_label}", AFTER, stats.model.spectral.merged_energy_top)]
+    for name, color, shares in extra:
+        if curve(shares) is not None:
+            figure.add_trace(go.Scatter(
+                x=ks, y=curve(shares), mode="lines+markers", name=name, line=dict(color=color, dash="dash", width=2.5),
+                hovertemplate=f"<b>{name}</b> · whole model<br>top %{{x:g}}% of singular values hold %{{y:.1f}}% of ‖δ‖²<extra></extra>",
+            ))
+    figure.update_xaxes(type="log", tickvals=ks, ticktext=[f"{k:g}%" for k in ks])
+    figure.update_yaxes(range=[0, 101])
+    return figure
+
+
+# -- 8. subspace overlap --------------------------------------------------------------------------
+
+def _pairs(labels: list[str]) -> list[tuple[str, str]]:
+    return [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+
+
+def _mean_over_pairs(overlaps: dict[str, dict[str, float | None]] | None, pairs) -> float | None:
+    values = [overlaps[a][b] for a, b in pairs if overlaps is not None and overlaps[a][b] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def subspace_overlap(stats: RedundancyStats) -> go.Figure:
+    """Per layer, the overlap ‖UᵢᵀUⱼ‖²_F / k of the tasks' top-k singular subspaces (left: output
+    space; right: input space), the mean over pairs (each pair a faint dot), before merging and in
+    the merged update, against what random subspaces give; with a merge, a third panel: each task's
+    subspace alignment ratio with the merged update."""
+    merged = stats.model.spectral is not None and stats.model.spectral.merged_alignment is not None
+    titles = ["left singular vectors U (the matrix's outputs)", "right singular vectors V (the matrix's inputs)"]
+    if merged:
+        titles.append("each task's alignment with the merge")
+    figure = make_subplots(rows=1, cols=len(titles), shared_yaxes=True, horizontal_spacing=0.05, subplot_titles=titles)
+    figure.update_layout(template=TEMPLATE, title_text="Subspace interference: overlap of the tasks' top-k singular "
+                                                        "subspaces, ‖UᵢᵀUⱼ‖²_F / k",
+                         legend=dict(y=1.16), margin=dict(t=140))
+    figure.update_annotations(yshift=4)  # the subplot titles, clear of the legend above them
+    figure.update_xaxes(title_text="layer (embed = embeddings)")
+    figure.update_yaxes(title_text="overlap (0 orthogonal … 1 the same)", row=1, col=1)
+    if stats.model.spectral is None:
+        return _no_spectra(figure)
+    if len(stats.labels) < 2:
+        return _note(figure, "subspace overlap needs two or more fine-tuned models")
+    groups = [g for g in _spectral_groups(stats)[1:] if g.spectral.chance_left is not None]
+    x = [_axis_label(g) for g in groups]
+    pairs = _pairs(stats.labels)
+    after = f"in the merged update ({stats.merged_label})"
+    for col, side in ((1, "left"), (2, "right")):
+        lines = [("before merging (the task matrices)", BEFORE, "solid", f"overlap_{side}")]
+        if merged:
+            lines.append((after, AFTER, "dash", f"merged_overlap_{side}"))
+        for name, color, dash, key in lines:
+            figure.add_trace(go.Scatter(
+                x=x, y=[_mean_over_pairs(getattr(g.spectral, key), pairs) for g in groups], mode="lines+markers",
+                name=name, legendgroup=name, showlegend=col == 1, line=dict(color=color, dash=dash, width=2),
+                customdata=[[g.name] for g in groups],
+                hovertemplate=f"<b>{name}</b> · %{{customdata[0]}} · {side} vectors<br>mean over pairs %{{y:.3f}}<extra></extra>",
+            ), row=1, col=col)
+            dots = [(g, a, b, getattr(g.spectral, key)[a][b]) for g in groups for a, b in pairs
+                    if getattr(g.spectral, key) is not None and getattr(g.spectral, key)[a][b] is not None]
+            figure.add_trace(go.Scatter(
+                x=[_axis_label(g) for g, *_ in dots], y=[v for *_, v in dots], mode="markers", name=f"{name}: pairs",
+                legendgroup=name, showlegend=False, marker=dict(color=color, size=5, opacity=0.35),
+                customdata=[[g.name, f"{a} · {b}"] for g, a, b, _ in dots],
+                hovertemplate=f"<b>%{{customdata[1]}}</b> · %{{customdata[0]}} · {side} vectors<br>{name}: %{{y:.3f}}<extra></extra>",
+            ), row=1, col=col)
+        chance = "random subspaces of the same size (k/m)"
+        figure.add_trace(go.Scatter(
+            x=x, y=[getattr(g.spectral, f"chance_{side}") for g in groups], mode="lines", name=chance, legendgroup=chance,
+            showlegend=col == 1, line=dict(color=NEUTRAL, dash="dot"), customdata=[[g.name] for g in groups],
+            hovertemplate=f"%{{customdata[0]}}: random {side} subspaces overlap %{{y:.3f}} on average<extra></extra>",
+        ), row=1, col=col)
+    if merged:
+        colors = model_colors(stats.labels)
+        for label in stats.labels:
+            figure.add_trace(go.Scatter(
+                x=x, y=[g.spectral.merged_alignment.get(label) for g in groups], mode="lines+markers",
+                name=f"{label}: alignment", legendgroup=f"{label}: alignment", line=dict(color=colors[label], width=2),
+                customdata=[[g.name] for g in groups],
+                hovertemplate=(f"<b>{label}</b> · %{{customdata[0]}}<br>‖Πδ‖/‖δ‖ = %{{y:.3f}}: its share in the merged "
+                               "update's top directions<extra></extra>"),
+            ), row=1, col=3)
+    for col in range(1, len(titles) + 1):
+        figure.update_xaxes(type="category", categoryorder="array", categoryarray=x, row=1, col=col)
+    figure.update_yaxes(range=[0, 1.02])
+    return figure
+
+
+# -- 9. the DARE sweep -------------------------------------------------------------------------
 
 def sweep_chart(sweep: SweepResult, color: str | None = None) -> go.Figure:
     """Performance against drop rate: random drop with rescale (DARE) against magnitude trim.
@@ -320,6 +515,9 @@ def all_figures(stats: RedundancyStats, sweep: SweepResult | None = None) -> dic
         "energy": energy_concentration(stats),
         "sign_conflicts": sign_conflicts_by_layer(stats),
         "similarity": task_vector_similarity(stats),
+        "spectra": singular_value_spectra(stats),
+        "spectral_energy": spectral_energy(stats),
+        "subspace_overlap": subspace_overlap(stats),
     }
     if sweep is not None:
         figures["sweep"] = sweep_chart(sweep, model_colors(stats.labels).get(sweep.model))
@@ -328,5 +526,6 @@ def all_figures(stats: RedundancyStats, sweep: SweepResult | None = None) -> dic
 
 __all__ = [
     "PALETTE", "TEMPLATE", "all_figures", "energy_concentration", "magnitude_distribution", "model_colors",
-    "relative_norm_by_layer", "sign_conflicts_by_layer", "sweep_chart", "task_vector_similarity",
+    "relative_norm_by_layer", "sign_conflicts_by_layer", "singular_value_spectra", "spectral_energy",
+    "subspace_overlap", "sweep_chart", "task_vector_similarity",
 ]

@@ -70,6 +70,49 @@ EXPLANATIONS = {
          "arithmetic works best). Clearly positive: they share a direction (often a common format or style) "
          "and summing them overshoots it; negative: they undo each other."),
     ),
+    "spectra": (
+        "Singular-value spectra: task matrices, their sum and the merge",
+        ("Every 2-D weight matrix's task matrix δᵢ has singular values σ₁ ≥ σ₂ ≥ …; this plots them against their "
+         "index on log-log axes, pooled over all weight matrices of the whole model (or, with the slider, of one layer), "
+         "one line per model, with the spectrum of their plain sum Σδᵢ (task arithmetic) and, when a merged model "
+         "was given, of its update θ_merged − θ_base. Hover shows the numerical rank: values above float32 rounding."),
+        ("A line that drops by orders of magnitude after a few values is a low-rank update (a LoRA of rank r drops "
+         "after r values per matrix): a few singular directions carry the task, the premise of the subspace methods "
+         "(TSV-M, Iso-C/CTS), which keep and merge only those. The sum's line shows how the tasks add up: its "
+         "largest values above every single task's mean shared directions, amplified. A merged update compares with "
+         "the sum: sparsifying methods (TIES, DARE) turn a low-rank sum into a full-rank update with a long tail; "
+         "TSV-M keeps each task's top directions (the union of the tasks' largest values); Iso-C/CTS flatten the "
+         "spectrum to one value (a horizontal line)."),
+    ),
+    "spectral_energy": (
+        "Effective rank: how low-rank each task vector is",
+        ("The share of ‖δ‖²_F = Σσⱼ² held by the largest k% of the singular values of each weight matrix, summed "
+         "over matrices: bold for the whole model, faint for each layer, dashed for the sum Σδᵢ and the merged update. "
+         "The dotted diagonal is a flat spectrum, every singular value equal."),
+        ("A curve at the top left means low effective rank: keeping 1-5% of each matrix's singular directions keeps "
+         "most of what fine-tuning changed, so subspace methods (TSV-M keeps ⌊r/T⌋ directions per task) lose little, "
+         "and a delta this redundant also survives DARE-style random dropping. A curve near the diagonal (full-rank "
+         "updates) means truncating the SVD discards real changes: prefer element-wise methods, or larger ranks."),
+    ),
+    "subspace_overlap": (
+        "Subspace interference between tasks",
+        ("For each pair of tasks and each weight matrix: ‖UᵢᵀUⱼ‖²_F / k, the mean squared cosine of the principal "
+         "angles between their top-k left singular subspaces (outputs; right: V, inputs), k = ⌊r/T⌋ for T models "
+         "(TSV-M's per-task budget) capped at the matrices' numerical ranks; the line is the mean over pairs per "
+         "layer, the faint dots single pairs (hover names them). Dotted: what random subspaces of that size give "
+         "(k/m). With a merged model: dashed, the same overlap between the merge's responses to the tasks, "
+         "range(δ_merged·Vᵢ) (outputs for task i's inputs; right: the inputs it reads for task i's outputs), and a "
+         "third panel with each task's subspace alignment ratio (Iso-C): ‖Πδᵢ‖_F / ‖δᵢ‖_F, Π the projection onto the "
+         "merged update's top Σkᵢ singular directions."),
+        ("Near the dotted line, the tasks use unrelated directions and summing them (task arithmetic) hardly "
+         "interferes. Well above it, they write into (or read from) shared directions, and a sum lets each distort "
+         "the others: what TSV-M (which orthogonalizes the tasks' singular vectors) and Iso-CTS (which adds each "
+         "task's own directions to the common ones, with a flat spectrum) are for; TSV-M reports interference "
+         "highest in early layers. No merge separates responses to inputs the tasks share: after TSV-M or Iso-C/CTS "
+         "the dashed lines keep the tasks' angles (left and right trade places), after TIES or DARE on low-rank tasks "
+         "both rise (sparsifying spreads each task over many directions). An alignment near 1 means the merge keeps "
+         "that task in its main directions; a task far below the others is the one the merge leaves behind."),
+    ),
     "sweep": (
         "The DARE sweep: performance against drop rate",
         ("One fine-tuned model rebuilt by the merge engine from its task vector with a share p of the entries "
@@ -115,10 +158,73 @@ def _summary_table(stats: RedundancyStats) -> str:
     )
 
 
+def _spectral_findings(stats: RedundancyStats) -> list[str]:
+    """How low-rank the task matrices are, how the merge's spectrum compares with the sum's, and how
+    much the tasks' subspaces overlap (before and after merging), where measured."""
+    spectral = stats.model.spectral
+    if spectral is None or not spectral.matrices:
+        return []
+    out = []
+    shares = [(html.escape(label), spectral.energy_top[label]) for label in stats.labels
+              if spectral.energy_top[label]["0.01"] is not None]
+    if shares:
+        text = ", ".join(f"{label} {_percent(s['0.01'])} / {_percent(s['0.05'])} / {_percent(s['0.1'])}" for label, s in shares)
+        line = f"Share of ‖δ‖²_F in the top 1% / 5% / 10% of each weight matrix's singular values: {text}"
+        ranks = [t.spectral.spectra[label].numerical_rank for t in stats.tensors if t.spectral is not None
+                 for label in stats.labels if t.spectral.spectra[label].values]
+        widths = [t.spectral.spectra[label].rank for t in stats.tensors if t.spectral is not None
+                  for label in stats.labels if t.spectral.spectra[label].values]
+        if ranks and None not in ranks and max(ranks) <= 0.1 * min(widths):
+            line += (f"; every changed matrix has numerical rank {min(ranks)}–{max(ranks)} (of {min(widths)}–{max(widths)}): "
+                     "a low-rank update, as LoRA makes; subspace methods and random dropping lose little")
+        elif min(s["0.1"] for _, s in shares) >= 0.5:
+            line += ": low effective rank, where subspace methods (TSV-M, Iso-CTS) lose little"
+        elif max(s["0.1"] for _, s in shares) < 0.3:
+            line += ": nearly flat spectra (full-rank updates), where truncating the SVD would discard much"
+        out.append(line + ".")
+    if spectral.merged_energy_top is not None and spectral.merged_energy_top["0.1"] is not None:
+        merged = html.escape(stats.merged_label or "merged")
+        against = ""
+        if spectral.sum_energy_top is not None and spectral.sum_energy_top["0.1"] is not None:
+            against = f", against {_percent(spectral.sum_energy_top['0.1'])} for the plain sum Σδᵢ"
+        rank = spectral.merged_spectrum.numerical_rank
+        total_rank = spectral.sum_spectrum.numerical_rank if spectral.sum_spectrum is not None else None
+        ranks = (f" (numerical rank {rank:,} of {spectral.merged_spectrum.rank:,} over all matrices; the sum's "
+                 f"{total_rank:,})") if rank is not None and total_rank is not None else ""
+        aligned = ", ".join(f"{html.escape(label)} {value:.2f}" for label, value in (spectral.merged_alignment or {}).items()
+                            if value is not None)
+        alignment = f"; the tasks' alignment with its top directions (Iso-C's ‖Πδᵢ‖/‖δᵢ‖): {aligned}" if aligned else ""
+        out.append(f"The merged model {merged} keeps {_percent(spectral.merged_energy_top['0.1'])} of its update's "
+                   f"‖δ‖²_F in the top 10% of singular values{against}{ranks}{alignment}.")
+    pairs = [(a, b) for i, a in enumerate(stats.labels) for b in stats.labels[i + 1:]]
+    before = [spectral.overlap_left[a][b] for a, b in pairs if spectral.overlap_left[a][b] is not None]
+    before_right = [spectral.overlap_right[a][b] for a, b in pairs if spectral.overlap_right[a][b] is not None]
+    if before and before_right and spectral.chance_left is not None:
+        mean, mean_right = sum(before) / len(before), sum(before_right) / len(before_right)
+        level = max(mean / max(spectral.chance_left, 1e-12), mean_right / max(spectral.chance_right, 1e-12))
+        verdict = ("close to random: the tasks use unrelated directions and add up with little interference"
+                   if level < 2 else "well above random: the tasks share directions, where summing them interferes "
+                   "and TSV-M / Iso-CTS orthogonalize")
+        line = (f"The tasks' top-k singular subspaces overlap by {mean:.3f} (left) / {mean_right:.3f} (right) on "
+                f"average over matrices and pairs, against {spectral.chance_left:.3f} / {spectral.chance_right:.3f} for "
+                f"random subspaces: {verdict}")
+        after = spectral.merged_overlap_left
+        if after is not None:
+            values = [after[a][b] for a, b in pairs if after[a][b] is not None]
+            values_right = [spectral.merged_overlap_right[a][b] for a, b in pairs if spectral.merged_overlap_right[a][b] is not None]
+            if values and values_right:
+                line += (f"; in the merged update {sum(values) / len(values):.3f} / "
+                         f"{sum(values_right) / len(values_right):.3f}")
+        out.append(line + ".")
+    return out
+
+
 def findings(stats: RedundancyStats) -> list[str]:
     """What the statistics say, one sentence each: how large each task vector is next to the base,
-    the share of ‖δ‖² its top 20% of entries hold, and the sign conflicts before and after TIES
-    trimming. Model labels are HTML-escaped, so each line is safe in HTML and in Markdown."""
+    the share of ‖δ‖² its top 20% of entries hold, the sign conflicts before and after TIES
+    trimming, and (when computed) how low-rank the task matrices are, the merged update's spectrum
+    and the overlap of the tasks' singular subspaces. Model labels are HTML-escaped, so each line
+    is safe in HTML and in Markdown."""
     deltas = [(html.escape(label), stats.model.deltas[label]) for label in stats.labels]
     sizes = ", ".join(f"{label} {_percent(d.relative_norm, 3)}" for label, d in deltas)
     out = [f"Size of each task vector next to the base, ‖δ‖₂ / ‖θ_base‖₂ over the whole model: {sizes}."]
@@ -134,7 +240,7 @@ def findings(stats: RedundancyStats) -> list[str]:
             f"entries ({_percent(c.rate_all)} of all entries); after trimming to density {stats.density:g}, on {after} "
             f"({_percent(c.trimmed_rate_all)} of all entries)."
         )
-    return out
+    return out + _spectral_findings(stats)
 
 
 def _findings(stats: RedundancyStats, sweep: SweepResult | None) -> list[str]:
@@ -161,6 +267,9 @@ def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str
             f"<p><b>How to read it.</b> {html.escape(how)}</p>{extra}{div}</section>"
         )
     models = "".join(f"<li>{html.escape(label)}: <code>{html.escape(ref)}</code></li>" for label, ref in stats.models.items())
+    merged = (f"<li>merged model {html.escape(stats.merged_label or '')}: <code>{html.escape(stats.merged)}</code> "
+              "(in the singular-value views)</li>" if stats.merged else "")
+    spectral = (f", singular values {stats.spectral_seconds:.1f} s of it" if stats.spectral_seconds is not None else "")
     findings = "".join(f"<li>{line}</li>" for line in _findings(stats, sweep))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -169,11 +278,12 @@ def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str
 <body><main>
 <h1>Why merging works: redundancy of the task vectors</h1>
 <p class="meta">base <code>{html.escape(stats.base)}</code> · {len(stats.labels)} fine-tuned model(s) · TIES density {stats.density:g}
-· statistics in {stats.seconds:.1f} s on {html.escape(stats.device)} · full numbers in <a href="{STATS}">{STATS}</a></p>
-<ul>{models}</ul>
+· statistics in {stats.seconds:.1f} s{spectral} on {html.escape(stats.device)} · full numbers in <a href="{STATS}">{STATS}</a></p>
+<ul>{models}{merged}</ul>
 <p>Fine-tuning changes a model by a task vector δ = θ_fine-tuned − θ_base. These views show that δ is small and
-highly redundant (most of it can be dropped, DARE) and where the task vectors of several models interfere (sign
-conflicts, which TIES's trimming and sign election address).</p>
+highly redundant (most of it can be dropped, DARE), where the task vectors of several models interfere (sign
+conflicts, which TIES's trimming and sign election address), and, seen as matrices, how low-rank they are and how
+much their singular subspaces overlap (what TSV-M and Iso-C/CTS build on).</p>
 <h2>Summary</h2>{_summary_table(stats)}<ul>{findings}</ul>
 {''.join(sections)}
 </main></body></html>

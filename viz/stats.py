@@ -10,7 +10,11 @@ tensor, per layer and for the whole model:
 - sign conflicts: the fraction of entries where the non-zero deltas of two or more models
   disagree in sign, before and after trimming each δᵢ to its top-``density`` magnitudes per
   tensor (TIES's trim, ``merging.methods.kernels.magnitude_keep``);
-- pairwise cosine similarity cos(δᵢ, δⱼ) = ⟨δᵢ, δⱼ⟩ / (‖δᵢ‖‖δⱼ‖).
+- pairwise cosine similarity cos(δᵢ, δⱼ) = ⟨δᵢ, δⱼ⟩ / (‖δᵢ‖‖δⱼ‖);
+- for 2-D weight matrices, singular values (``viz.spectral``): the spectra of each δᵢ, of Σδᵢ and
+  of a merged model's update, the share of ‖δ‖²_F in the top 1/5/10% of singular values (how
+  low-rank fine-tuning is), and the overlap of the tasks' top singular subspaces, before and
+  after merging.
 
 A layer is the integer after ``layers.`` or ``h.`` in a tensor name; embeddings, the final
 norm and an untied ``lm_head`` are groups of their own. Only one tensor per model is in memory
@@ -54,8 +58,11 @@ from viz.results import (
     GroupStats,
     Histogram,
     RedundancyStats,
+    SpectralStats,
+    Spectrum,
     number_key,
 )
+from viz.spectral import SV_FRACTIONS, Factors, MatrixSpectra, is_matrix, measure_matrix, pooled, spectrum_positions
 
 ProgressFn = Callable[[int, int, str], None]  # (tensors done, total, tensor name), like merge()
 LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
@@ -90,10 +97,14 @@ class _TensorResult:
     profiles: list[MagnitudeProfile]
     conflicts: list[int] | None  # [eligible, conflicts, trimmed eligible, trimmed conflicts]
     dots: dict[tuple[int, int], float]
+    spectral: MatrixSpectra | None = None
+    spectral_seconds: float = 0.0
 
 
-def _measure_tensor(name: str, base_reader, readers, density: float, device: torch.device) -> _TensorResult:
-    """Stream one tensor of the base and of every model through the measures, chunk by chunk."""
+def _measure_tensor(name: str, base_reader, readers, density: float, device: torch.device,
+                    merged_reader=None, spectra: bool = True) -> _TensorResult:
+    """Stream one tensor of the base and of every model through the measures, chunk by chunk;
+    then, for a weight matrix, its singular values (with the merged model's, if given)."""
     base = base_reader.get(name).to(device)
     models = [reader.get(name).to(device) for reader in readers]
     n = base.numel()
@@ -127,7 +138,18 @@ def _measure_tensor(name: str, base_reader, readers, density: float, device: tor
         sources = [(reader.label, tensor) for reader, tensor in [(base_reader, base), *zip(readers, models)]]
         raise CheckpointError(damaged_source(name, sources) or
                               f"the deltas of tensor {name} overflow float32; the models are too far apart to compare")
-    return _TensorResult(name, list(base.shape), base_sumsq, profiles, counts if measure_conflicts else None, dots)
+    result = _TensorResult(name, list(base.shape), base_sumsq, profiles, counts if measure_conflicts else None, dots)
+    if spectra and is_matrix(base.shape):
+        started = time.perf_counter()
+        merged = None
+        if merged_reader is not None:
+            merged = merged_reader.get(name).to(device)
+            if not bool(torch.isfinite(merged).all()):
+                raise CheckpointError(damaged_source(name, [(merged_reader.label, merged)]) or
+                                      f"tensor {name} of {merged_reader.label} is not finite")
+        result.spectral = measure_matrix(base, models, merged)
+        result.spectral_seconds = time.perf_counter() - started
+    return result
 
 
 def _delta_stats(numel: int, base_sumsq: float, profiles: list[MagnitudeProfile], quantiles: dict[float, float]) -> DeltaStats:
@@ -173,6 +195,7 @@ def _tensor_stats(result: _TensorResult, labels: list[str]) -> GroupStats:
         conflicts=ConflictStats(n, *result.conflicts) if result.conflicts is not None else None,
         cosine=_cosines(labels, [p.sumsq for p in result.profiles], result.dots),
         group=group, shape=result.shape,
+        spectral=_spectral_stats([result.spectral], labels) if result.spectral is not None else None,
     )
 
 
@@ -190,7 +213,83 @@ def _group_stats(name: str, layer: int | None, results: list[_TensorResult], lab
         conflicts = ConflictStats(numel, *[sum(r.conflicts[k] for r in results) for k in range(4)])
     dots = {pair: sum(r.dots[pair] for r in results) for pair in results[0].dots}
     sumsq = [sum(r.profiles[i].sumsq for r in results) for i in range(len(labels))]
-    return GroupStats(name, layer, numel, base_sumsq ** 0.5, deltas, conflicts, _cosines(labels, sumsq, dots))
+    matrices = [r.spectral for r in results if r.spectral is not None]
+    return GroupStats(name, layer, numel, base_sumsq ** 0.5, deltas, conflicts, _cosines(labels, sumsq, dots),
+                      spectral=_spectral_stats(matrices, labels) if matrices else None)
+
+
+# -- singular values ----------------------------------------------------------------------------
+
+def _significant(x: float) -> float:
+    return float(f"{x:.6g}")  # float32 values hold ~7 digits; 6 keep stats.json small
+
+
+def _spectrum(factors: list[Factors]) -> Spectrum:
+    """One matrix's spectrum, or several pooled (a layer's, the model's), as stored."""
+    complete = all(f.complete for f in factors)
+    ranks = [f.numerical_rank for f in factors]
+    rank = sum(ranks) if complete and None not in ranks else None
+    values = pooled([f.values for f in factors])
+    values = values[values > 0]
+    positions = spectrum_positions(values.numel(), (rank, rank + 1) if rank else ())
+    return Spectrum(
+        rank=sum(f.rank for f in factors),
+        known=sum(f.rank if f.sumsq == 0 else f.values.numel() for f in factors),
+        complete=complete, numerical_rank=rank, index=positions,
+        values=[_significant(float(values[p - 1])) for p in positions],
+    )
+
+
+def _energy(factors: list[Factors]) -> dict[str, float | None]:
+    """Share of Σ‖δ‖²_F held by each matrix's top f of singular values, summed over the matrices."""
+    total = sum(f.sumsq for f in factors)
+    return {number_key(fraction): (sum(f.top_energy(fraction) for f in factors) / total if total > 0 else None)
+            for fraction in SV_FRACTIONS}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _pair_maps(matrices: list[MatrixSpectra], labels: list[str], side: str) -> dict[str, dict[str, float | None]]:
+    """label -> label -> the mean over matrices of one overlap ("left", "merged_left", ...)."""
+    out = {a: {} for a in labels}
+    for i, a in enumerate(labels):
+        out[a][a] = 1.0 if any(m.tasks[i].sumsq > 0 for m in matrices) else None
+        for j in range(i + 1, len(labels)):
+            values = [getattr(m.pairs[(i, j)], side) for m in matrices if (i, j) in m.pairs]
+            out[a][labels[j]] = out[labels[j]][a] = _mean([v for v in values if v is not None])
+    return out
+
+
+def _spectral_stats(matrices: list[MatrixSpectra], labels: list[str]) -> SpectralStats:
+    """The singular-value statistics of one matrix, or of a group's matrices together."""
+    tasks = [[m.tasks[i] for m in matrices] for i in range(len(labels))]
+    pairs = [(m, pair) for m in matrices for pair in m.pairs.values()]
+    stats = SpectralStats(
+        matrices=len(matrices),
+        spectra={label: _spectrum(factors) for label, factors in zip(labels, tasks)},
+        energy_top={label: _energy(factors) for label, factors in zip(labels, tasks)},
+        overlap_left=_pair_maps(matrices, labels, "left"),
+        overlap_right=_pair_maps(matrices, labels, "right"),
+        chance_left=_mean([p.k / m.shape[0] for m, p in pairs]),
+        chance_right=_mean([p.k / m.shape[1] for m, p in pairs]),
+    )
+    if matrices[0].total is not None:
+        stats.sum_spectrum = _spectrum([m.total for m in matrices])
+        stats.sum_energy_top = _energy([m.total for m in matrices])
+    if matrices[0].merged is not None:
+        stats.merged_spectrum = _spectrum([m.merged for m in matrices])
+        stats.merged_energy_top = _energy([m.merged for m in matrices])
+        if len(labels) >= 2:
+            stats.merged_overlap_left = _pair_maps(matrices, labels, "merged_left")
+            stats.merged_overlap_right = _pair_maps(matrices, labels, "merged_right")
+        stats.merged_alignment = {}
+        for i, label in enumerate(labels):
+            kept = [(m.aligned[i], m.tasks[i].sumsq) for m in matrices if m.aligned[i] is not None]
+            total = sum(energy for _, energy in kept)
+            stats.merged_alignment[label] = min(1.0, (sum(a for a, _ in kept) / total) ** 0.5) if total > 0 else None
+    return stats
 
 
 def _histogram(results: list[_TensorResult], labels: list[str]) -> Histogram:
@@ -234,13 +333,28 @@ def model_labels(refs: list[str]) -> list[str]:
 def _open(base: str, finetuned: list[str], policy: SourcePolicy, resolver) -> tuple[ResolvedModel, list[ResolvedModel]]:
     base_model = resolver(str(base), policy)
     models = [resolver(str(ref), policy) for ref in finetuned]
-    for model in models:
+    for model in models:  # (a merged model is one of these too: the last, when given)
         if model.architecture != base_model.architecture:
             raise CheckpointError(
                 f"architectures differ: {base_model.ref} is {base_model.architecture} but {model.ref} is "
                 f"{model.architecture}; task vectors exist only between models of the same architecture"
             )
     return base_model, models
+
+
+def _check_merged(base_reader: CheckpointReader, merged_reader: CheckpointReader, names: list[str]) -> None:
+    """A merged model needs every weight matrix of the base, with the same shape (more tensors are
+    fine: it may store an lm_head its sources tie)."""
+    for name in names:
+        shape = base_reader.info(name).shape
+        if not is_matrix(shape):
+            continue
+        if name not in merged_reader:
+            raise CheckpointError(f"tensor {name} is missing from the merged model {merged_reader.label}; "
+                                  "compare a merge of these models")
+        if merged_reader.info(name).shape != shape:
+            raise CheckpointError(f"tensor {name} has shape {list(shape)} in the base but "
+                                  f"{list(merged_reader.info(name).shape)} in the merged model {merged_reader.label}")
 
 
 def _plan(base_reader: CheckpointReader, readers: list[CheckpointReader]) -> list[str]:
@@ -301,6 +415,9 @@ def delta_statistics(
     labels: list[str] | None = None,
     threads: int | None = None,
     resolver=resolve_model,
+    merged: str | Path | None = None,
+    merged_label: str | None = None,
+    spectra: bool = True,
 ) -> RedundancyStats:
     """Redundancy statistics of the task vectors of ``finetuned`` models on ``base``.
 
@@ -314,6 +431,9 @@ def delta_statistics(
     is thousands of small chunked ops, and on a CPU that other work keeps busy every
     multi-threaded op waits for its descheduled second thread: with 1 thread the demo family
     took 8 s here, with 2 over 45 s.
+    ``spectra`` adds the singular-value statistics of every 2-D weight matrix (``viz.spectral``);
+    ``merged`` (a merge of these models, read like them) adds its update θ_merged − θ_base to
+    them, labelled ``merged_label`` (default: from its reference, like the models').
     Raises MergeStudioError subclasses for bad input.
     """
     started = time.perf_counter()
@@ -324,20 +444,26 @@ def delta_statistics(
     labels = list(labels) if labels is not None else model_labels([str(ref) for ref in finetuned])
     if len(labels) != len(finetuned) or len(set(labels)) != len(labels):
         raise MergeStudioError("give one unique label per fine-tuned model")
+    if merged is not None and not spectra:
+        raise MergeStudioError("a merged model is compared in the singular-value statistics; leave them on to give one")
     compute = pick_device(device)
-    base_model, models = _open(str(base), [str(ref) for ref in finetuned], policy, resolver)
+    refs = [str(ref) for ref in finetuned] + ([str(merged)] if merged is not None else [])
+    base_model, models = _open(str(base), refs, policy, resolver)
     readers: list[CheckpointReader] = []
     try:
         base_reader = open_reader(base_model, label=base_model.ref)
         readers.append(base_reader)
         for model in models:
             readers.append(open_reader(model, label=model.ref))  # a BASE+ADAPTER model: the adapter applied
-        names = _plan(base_reader, readers[1:])
+        sources, merged_reader = (readers[1:-1], readers[-1]) if merged is not None else (readers[1:], None)
+        names = _plan(base_reader, sources)
+        if merged_reader is not None:
+            _check_merged(base_reader, merged_reader, names)
         results = []
         with torch.inference_mode(), _cpu_threads(threads if compute.type == "cpu" else None):
             for index, name in enumerate(names):
                 check_cancel(cancel, "statistics cancelled", MergeCancelled)
-                results.append(_measure_tensor(name, base_reader, readers[1:], float(density), compute))
+                results.append(_measure_tensor(name, base_reader, sources, float(density), compute, merged_reader, spectra))
                 if progress is not None:
                     progress(index + 1, len(names), name)
     finally:
@@ -360,6 +486,9 @@ def delta_statistics(
         model=_group_stats("model", None, results, labels),
         histogram=_histogram(results, labels),
         definitions=dict(DEFINITIONS),
+        merged=str(merged) if merged is not None else None,
+        merged_label=(merged_label or model_labels([str(merged)])[0]) if merged is not None else None,
+        spectral_seconds=round(sum(r.spectral_seconds for r in results), 3) if spectra else None,
     )
 
 
