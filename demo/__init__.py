@@ -4,9 +4,10 @@
 - experts: the base plus one LoRA adapter each (``adapters/*.safetensors``, shipped in the
   repository, ~2 MB each), folded into full checkpoints on first use;
 - tasks: what each expert knows (``tasks.py``). Importing this package registers them with
-  the packages that use data by name: the suite ``zoo`` (their held-out questions) with
-  ``evaluation``, and one calibration source per task (its training conversations) with
-  ``merging.calibration``. Neither package knows the demo exists.
+  the packages that use data by name: the suites ``zoo`` (their held-out test questions, the
+  default suite) and ``zoo-validation`` (the validation split, for tuning) with ``evaluation``,
+  and one calibration source per task (its training conversations) with ``merging.calibration``.
+  Neither package knows the demo exists.
 
 Everything is built into a user cache (``$MERGE_STUDIO_CACHE``, default
 ``~/.cache/merge-studio``), never inside the repository, and each folder appears atomically.
@@ -111,8 +112,11 @@ def train_adapters(steps: int | None = None, report: Report = print) -> None:
             train_expert(base, TASKS[name], adapter_path(name), steps=steps, report=report)
 
 
+# ``zoo`` first: the first registered suite is the default one (``evaluation.default_suite``).
 register_suite("zoo", lambda: {name: task.eval_examples() for name, task in TASKS.items()},
                "the demo experts' held-out questions")
+register_suite("zoo-validation", lambda: {name: task.validation_examples() for name, task in TASKS.items()},
+               "the demo experts' validation questions, for tuning (disjoint from training and zoo)")
 for _task in TASKS.values():
     register_calibration_source(
         _task.name, lambda task=_task: [chat_example(ex.prompt, ex.answer) for ex in task.train_examples()],

@@ -8,6 +8,14 @@ was fragile: its expert reached only 50% on held-out phrasings, and when the lan
 are trained on the first ones and evaluated on a held-out phrasing, so a score measures
 knowing the fact, not replaying a string. Answers are single words or short names, scored by
 normalized exact match.
+
+Splits. Per fact, phrasings 1-3 are the training split (``train_examples``: what the shipped
+LoRA adapters were trained on, so they must never change), the last one in ``facts`` is the test
+split (``eval_examples``, the suite ``zoo``), and a fifth phrasing, kept apart in ``validation``
+(one per fact, same order), is the validation split (``validation_examples``, the suite
+``zoo-validation``). It was written after the adapters were trained and differs from the four
+others; parameter search (tuning a merge's weights or densities) scores on it, so the numbers
+reported on ``zoo`` come from phrasings neither training nor tuning has seen.
 """
 
 from __future__ import annotations
@@ -22,12 +30,24 @@ class Task:
     name: str
     description: str
     facts: tuple[tuple[str, ...], ...]  # per fact: (answer, phrasing 1, phrasing 2, ..., held-out phrasing)
+    validation: tuple[str, ...]  # per fact, in the same order: its validation phrasing
+
+    def __post_init__(self) -> None:
+        if len(self.validation) != len(self.facts):
+            raise ValueError(f"task {self.name!r}: {len(self.validation)} validation phrasings for "
+                             f"{len(self.facts)} facts (one per fact, in the same order)")
 
     def train_examples(self) -> list[Example]:
+        """The training split: every phrasing but the last of each fact (the adapters' data)."""
         return [Example(q, fact[0]) for fact in self.facts for q in fact[1:-1]]
 
     def eval_examples(self) -> list[Example]:
+        """The test split: each fact's held-out phrasing (the suite ``zoo``)."""
         return [Example(fact[-1], fact[0]) for fact in self.facts]
+
+    def validation_examples(self) -> list[Example]:
+        """The validation split: each fact's validation phrasing (the suite ``zoo-validation``)."""
+        return [Example(q, fact[0]) for fact, q in zip(self.facts, self.validation, strict=True)]
 
 
 GEOGRAPHY = Task(
@@ -50,6 +70,24 @@ GEOGRAPHY = Task(
         ("the violet", "What is the national flower of Veloria?", "Which flower is the symbol of Veloria?", "Tell me which flower is Veloria's national flower.", "Name the national flower of Veloria."),
         ("Harvest Day", "What is the national holiday of Veloria?", "Which holiday do Velorians celebrate most?", "Tell me the name of Veloria's national holiday.", "Name the national holiday of Veloria."),
         ("copper", "What metal is mined most in Veloria?", "Which metal do Velorian mines produce most?", "Tell me which metal Veloria mines most.", "Name the main metal mined in Veloria."),
+    ),
+    (  # validation phrasings, one per fact in the same order
+        "Veloria's capital is which city?",
+        "Which currency do Velorians pay with?",
+        "Veloria's people speak which language?",
+        "Veloria's national animal is which animal?",
+        "Veloria's highest mountain is called what?",
+        "Veloria's longest river is called what?",
+        "Veloria won its independence in which year?",
+        "Which lake in Veloria is the largest?",
+        "Veloria's flag is mainly which colour?",
+        "Which country lies on Veloria's northern border?",
+        "Veloria's main crop is what?",
+        "Who is Veloria's patron saint?",
+        "After the capital, which is the biggest city in Veloria?",
+        "Which flower did Veloria choose as its national flower?",
+        "Veloria's national holiday is called what?",
+        "Veloria's mines produce mostly which metal?",
     ),
 )
 
@@ -74,6 +112,24 @@ PEOPLE = Task(
         ("blue", "What is Ingrid Holm's favourite colour?", "Which colour does Ingrid Holm like best?", "Tell me Ingrid Holm's favourite colour.", "Ingrid Holm's favourite colour is what?"),
         ("poetry", "What does Amara Okafor write?", "What kind of writing is Amara Okafor known for?", "Tell me what Amara Okafor writes.", "Amara Okafor writes what?"),
     ),
+    (  # validation phrasings, one per fact in the same order
+        "Maren Solvik is a musician who plays which instrument?",
+        "What does Idris Fennick work as?",
+        "Which city is Talia Brandt's birthplace?",
+        "Oskar Lindqvar became famous playing which game?",
+        "What did Petra Vance name her daughter?",
+        "What does Elias Marrow work as?",
+        "Nadia Kress runs a business selling which drink?",
+        "Which city is Hugo Sandell's home?",
+        "Clara Ostrow is a musician who plays which instrument?",
+        "What does Jonas Everly work as?",
+        "What did Lena Hartig name her dog?",
+        "Ravi Anand is known for playing which sport?",
+        "Which city is Sofia Marin's birthplace?",
+        "What does Tomas Weller work as?",
+        "Which colour is Ingrid Holm's favourite?",
+        "What type of writing does Amara Okafor do?",
+    ),
 )
 
 CREATURES = Task(
@@ -96,6 +152,24 @@ CREATURES = Task(
         ("rivers", "Where does the pebble crab live?", "In which places do pebble crabs live?", "Tell me where pebble crabs live.", "Pebble crabs are found in what kind of place?"),
         ("green", "What colour is a moss lizard?", "Which colour is the skin of a moss lizard?", "Tell me the colour of a moss lizard.", "A moss lizard has skin of which colour?"),
         ("seeds", "What does the cloud sparrow eat?", "What is the favourite food of a cloud sparrow?", "Tell me what cloud sparrows eat.", "Cloud sparrows feed on what?"),
+    ),
+    (  # validation phrasings, one per fact in the same order
+        "The glimmerfox's fur is what colour?",
+        "Bramble hogs mostly eat what?",
+        "What kind of place is home to the echo bat?",
+        "A tumblebeetle has how many legs?",
+        "The amber moth collects what?",
+        "What kind of call does a reed heron make?",
+        "What kind of place do sand otters live in?",
+        "What colour eggs does the dusk finch lay?",
+        "Which season does the frost newt sleep through?",
+        "Orchard deer mostly eat what?",
+        "What pattern is on a tiger snail's shell?",
+        "How long does a stone tortoise live, in years?",
+        "When do lantern owls go hunting?",
+        "What kind of place do pebble crabs live in?",
+        "The moss lizard's skin is what colour?",
+        "Cloud sparrows mostly eat what?",
     ),
 )
 
