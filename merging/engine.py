@@ -14,7 +14,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
 
 from merging.calibration import CalibrationSettings, CalibrationStats, calibrate, calibrate_jointly, load_examples
 from merging.checkpoint import (
@@ -134,6 +136,42 @@ def merge(
     )
 
 
+def merged_tensors(
+    recipe: Recipe,
+    *,
+    device: str = "auto",
+    policy: SourcePolicy = SourcePolicy(),
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    resolver=resolve_model,
+    calibration_progress: CalibrationProgressFn | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``merge`` would write for ``recipe``, one at a time as (name, tensor), on the
+    compute device and in the output dtype; nothing is written (parameter search loads them into
+    a model it keeps in memory). The same checks, calibration and method code as ``merge``; the
+    sources close when the iteration ends or is abandoned."""
+    compute = pick_device(device)
+    method = get_method(recipe.merge_method)
+    check_supported(recipe)
+    models = open_inputs(recipe, policy, resolver)
+    stats = None
+    try:
+        vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in models.models.items()}, models.reference.ref,
+                                      {ref: m.config.get("vocab_size") for ref, m in models.models.items()},
+                                      models.tokenizer.folder)
+        plans = plan_tensors(recipe, models, vocabulary.size if vocabulary else None)
+        stats = calibrate_inputs(recipe, method, models, plans, policy, device, calibration_progress, cancel)
+        for index, (plan, out) in enumerate(_merged_tensors(recipe, method, models, plans, compute, progress, cancel,
+                                                            stats, vocabulary)):
+            yield plan.out.name, out
+            if progress is not None:
+                progress(index + 1, len(plans), plan.out.name)
+    finally:
+        models.close()
+        for entry in stats or []:
+            entry.close()
+
+
 def written_dtype(plans: list[TensorPlan]) -> str:
     """The floating dtype(s) the output holds, largest share first: ``bfloat16``, or
     ``bfloat16/float32`` when a model keeps some tensors wider (what "as base" resolves to)."""
@@ -204,6 +242,16 @@ def _calibrate_jointly(recipe: Recipe, method, models: ModelSet, plans: list[Ten
 def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, cancel, stats=None,
             vocabulary: Vocabulary | None = None) -> None:
     """Compute and write every planned tensor, reading the next one's inputs in the background."""
+    for index, (plan, out) in enumerate(_merged_tensors(recipe, method, models, plans, compute, progress, cancel,
+                                                        stats, vocabulary)):
+        writer.write(plan.out.name, out)
+        if progress is not None:
+            progress(index + 1, len(plans), plan.out.name)
+
+
+def _merged_tensors(recipe, method, models: ModelSet, plans, compute, progress, cancel, stats=None,
+                    vocabulary: Vocabulary | None = None) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """Every planned tensor, merged (or copied) and cast to its output dtype, in plan order."""
     kind = recipe.method.calibration
 
     # The reader thread only reads (no torch compute: a second thread of parallel torch ops
@@ -248,9 +296,7 @@ def _stream(recipe, method, models: ModelSet, plans, writer, compute, progress, 
                 del base, tensors, extra, result
             else:
                 out = copied.to(plan.out.dtype)
-            writer.write(plan.out.name, out)
-            if progress is not None:
-                progress(index + 1, len(plans), plan.out.name)
+            yield plan, out
 
 
 def _step_hook(index: int, count: int, name: str, progress: ProgressFn | None, cancel):

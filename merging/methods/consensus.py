@@ -50,7 +50,7 @@ TALL_MASK_LAMBDA = Param(
     "tall_mask_lambda", float, 0.4, "model",
     "TALL mask threshold λₜ for this model: an entry belongs to its task when |τₜ| ≥ λₜ·|τ_MTL − τₜ|. "
     "Larger keeps fewer entries; 0 keeps all. The paper picks it per task from 0.2-0.6 on validation data.",
-    low=0.0,
+    low=0.0, search=(0.1, 1.0),
 )
 K = Param(
     "k", int, 2, "global",

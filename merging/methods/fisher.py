@@ -13,7 +13,7 @@ FISHER_FLOOR = Param(
     "fisher_floor", float, 1e-6, "global",
     "Lower bound on each model's (normalized) Fisher, so entries no model cares about fall back "
     "to the weighted average instead of dividing by ~0.",
-    low=0.0, low_inclusive=False,
+    low=0.0, low_inclusive=False, search=(1e-8, 1e-4), search_log=True,
 )
 NORMALIZE_FISHER = Param(
     "normalize_fisher", bool, True, "global",

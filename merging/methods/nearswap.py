@@ -20,7 +20,7 @@ T = Param(
     "Similarity threshold: entries within t of the base take the other model's value; farther "
     "entries take a fraction t/|base − other| of the way to it. 0 gives the base. Typical 1e-4 for "
     "16-bit weights. A list gives a gradient over layers.",
-    low=0.0,
+    low=0.0, search=(1e-5, 1e-2), search_log=True,
 )
 
 

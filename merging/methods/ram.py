@@ -30,7 +30,7 @@ EPSILON = Param(
     "epsilon", float, 1e-5, "global",
     "An entry counts as changed by a model when |θᵢ − θ_base| > epsilon. Raise it for dense "
     "(SFT-style) deltas, where almost every entry changes.",
-    low=0.0,
+    low=0.0, search=(1e-7, 1e-3), search_log=True,
 )
 R = Param(
     "r", float, 0.1, "global",

@@ -68,6 +68,10 @@ class Param:
     high_inclusive: bool = True
     choices: tuple[str, ...] | None = None
     hidden: bool = False  # accepted (mergekit compatibility) but changes nothing: no control, not in the README table
+    # The range a parameter search tries when a search spec says only ``tune`` (numbers: [low, high],
+    # searched on a log scale when ``search_log``); None: the bounds above, when both are finite.
+    search: tuple[float, float] | None = None
+    search_log: bool = False
 
     @property
     def required(self) -> bool:
@@ -116,11 +120,12 @@ WEIGHT = Param(
     "weight", float, 1.0, "model",
     "How much this model's contribution counts (for task arithmetic, its task vector's "
     "scaling coefficient; typical 0.3-0.5 per model). mergekit requires it; here it defaults to 1.",
+    search=(0.1, 1.5),
 )
 DENSITY = Param(
     "density", float, 1.0, "model",
     "Fraction of this model's delta parameters kept before merging (1 keeps all).",
-    low=0.0, high=1.0, low_inclusive=False,
+    low=0.0, high=1.0, low_inclusive=False, search=(0.05, 1.0),
 )
 NORMALIZE = Param(
     "normalize", bool, True, "global",
@@ -129,11 +134,12 @@ NORMALIZE = Param(
 LAMBDA = Param(
     "lambda", float, 1.0, "global",
     "Scale applied to the merged task vector before adding it to the base.",
+    search=(0.3, 2.0),
 )
 DATA_WEIGHT = Param(
     "weight", float, 1.0, "model",
     "How much this model counts (scales its Fisher or its Gram matrices).",
-    low=0.0,
+    low=0.0, search=(0.1, 2.0),
 )
 CALIBRATION_SAMPLES = Param(
     SAMPLES_PARAM, int, 128, "global",

@@ -53,20 +53,20 @@ TASK_WEIGHT = Param(
     "weight", float, 1.0, "model",
     "How much this model counts: its share of the task-arithmetic start Σ wᵢδᵢ and the weight of its "
     "interference term in the objective (the paper: 1 for every model).",
-    low=0.0,
+    low=0.0, search=(0.1, 2.0),
 )
 STEPS = Param(
     "steps", int, 300, "global",
     "Adam steps per weight matrix (the paper's code: 300; FusionBench: 400). 0 keeps the task-arithmetic "
     "start. Each step costs one (rows × cols) by (cols × cols) matrix product. Unused by solver exact.",
-    low=0, high=100_000,
+    low=0, high=100_000, search=(50, 600),
 )
 LEARNING_RATE = Param(
     "learning_rate", float, 1e-5, "global",
     "Adam's learning rate (the paper's code: 1e-5; its language-model code 2e-5). Adam moves each entry "
     "by about this much per step at most, so steps × learning_rate bounds how far the merge leaves "
     "task arithmetic. Unused by solver exact.",
-    low=0.0, low_inclusive=False,  # no upper bound: the studio then shows a number box, not a 0-1 slider
+    low=0.0, low_inclusive=False, search=(1e-6, 1e-4), search_log=True,  # no upper bound: the studio then shows a number box, not a 0-1 slider
 )
 SOLVER = Param(
     "solver", str, "adam", "global",
