@@ -25,6 +25,7 @@ import demo  # noqa: E402,F401  (registers the demo suite and calibration source
 # Calibration statistics computed by tests go to a scratch cache, never the user's (set before
 # any CLI subprocess starts, so they inherit it too).
 os.environ.setdefault("MERGE_STUDIO_CALIBRATION_CACHE", tempfile.mkdtemp(prefix="merge-studio-calibration-"))
+os.environ.setdefault("MERGE_STUDIO_TUNING_CACHE", tempfile.mkdtemp(prefix="merge-studio-tuning-"))  # sources' scores
 
 from tests.support.families import build_family  # noqa: E402
 

@@ -3,8 +3,8 @@
 Progress goes to stderr, one line per trial. The best recipe is written as a plain recipe
 (``best.yaml`` in the search folder, which ``python -m merging merge`` runs); ``--out`` also
 merges it there. The study lives in a journal file in the search folder (``SPEC.tune/`` beside
-the spec, or ``OUT.tune/`` beside ``--out``) unless ``--storage`` names another, so running the
-same command again resumes it, adding ``--trials`` more.
+the spec) unless ``--storage`` names another, so running the same command again resumes it,
+adding ``--trials`` more.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # a process started by --jobs
 
 
-def search_folder(spec: Path, out: Path | None) -> Path:
-    """Where the study and the best recipe go: beside the output, else beside the spec."""
-    if out is not None:
-        return out.parent / f"{out.name}.tune"
+def search_folder(spec: Path) -> Path:
+    """Where the study and the best recipe go: ``SPEC.tune/`` beside the spec, so the same command
+    finds its study again (with or without ``--out``)."""
     return spec.parent / f"{spec.stem}.tune"
 
 
@@ -56,7 +55,7 @@ def cmd_tune(args) -> int:
         raise MergeStudioError("--jobs must be 1 or more")
     if args.out is not None and args.out.exists():
         raise MergeStudioError(f"output folder {args.out} already exists; choose a new one")  # before minutes of search
-    folder = search_folder(args.spec, args.out)
+    folder = search_folder(args.spec)
     storage = args.storage or default_storage(folder)
     study = args.study or f"{args.spec.stem}-{spec.fingerprint()}"
     trials = spec.settings.trials if args.trials is None else args.trials

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -117,7 +118,11 @@ def open_storage(storage: str):
 
 def make_sampler(name: str, seed: int):
     if name == "tpe":
-        return _optuna().samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
+        # multivariate TPE models parameters jointly (λ and densities trade off), and ``group`` keeps
+        # each method's parameters apart when the method is a choice; Optuna marks both experimental.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
+            return _optuna().samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8)
     if name == "cmaes":
         return _optuna().samplers.CmaEsSampler(seed=seed, n_startup_trials=8, warn_independent_sampling=False)
     if name == "nsga2":
@@ -131,15 +136,20 @@ def make_pruner(name: str):
     return _optuna().pruners.NopPruner()
 
 def open_study(spec: SearchSpec, storage: str, study_name: str, *, worker: int = 0):
-    _optuna().logging.set_verbosity(_optuna().logging.WARNING)
+    # errors reach the caller as exceptions, and a trial stopped by the user is not a warning
+    _optuna().logging.set_verbosity(_optuna().logging.ERROR)
     directions = ["maximize"]
     if spec.settings.objective == "pareto":
         validation, _ = suites_of(spec)
         tasks = list(load_suites(validation))
         directions = ["maximize"] * len(tasks) + (["minimize"] if spec.settings.text else [])
-    return _optuna().create_study(
-        storage=open_storage(storage), study_name=study_name, load_if_exists=True, directions=directions,
-        sampler=make_sampler(spec.settings.sampler, spec.settings.seed + worker), pruner=make_pruner(spec.settings.pruner))
+    study = _optuna().create_study(storage=open_storage(storage), study_name=study_name, load_if_exists=True,
+                                   directions=directions, pruner=make_pruner(spec.settings.pruner))
+    # The sampler's seed moves on with the study: a resumed search (or another worker) seeded as
+    # the first run was would draw the first run's random start-up trials again.
+    held = len(study.get_trials(deepcopy=False))
+    study.sampler = make_sampler(spec.settings.sampler, spec.settings.seed + 1_000_003 * worker + held)
+    return study
 
 class Search:
     """One process's part of a search: the runner, the suites, the sources' scores and the study."""
@@ -207,10 +217,10 @@ class Search:
     def optimize(self, trials: int, on_trial: TrialFn | None = None) -> None:
         """Run ``trials`` more trials here (fewer when stopped)."""
         def stop_when_asked(study, trial):
-            if self.cancel is not None and self.cancel.is_set():
-                study.stop()
             if on_trial is not None:
                 on_trial(study, trial)
+            if self.cancel is not None and self.cancel.is_set():
+                study.stop()  # before the next trial starts
 
         try:
             self.study.optimize(self.objective, n_trials=trials, callbacks=[stop_when_asked], catch=(),

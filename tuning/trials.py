@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -176,4 +177,9 @@ def _baseline_path(ref: str, suite: Suite, policy: SourcePolicy) -> Path | None:
     identity = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     content = {task: [(e.prompt, e.answer) for e in examples] for task, examples in suite.items()}
     key = json.dumps([BASELINE_VERSION, identity, content], sort_keys=True)
-    return cache_root() / "tuning" / "sources" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    return scores_cache() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def scores_cache() -> Path:
+    """``$MERGE_STUDIO_TUNING_CACHE``, else ``tuning/`` in the user cache."""
+    return Path(os.environ.get("MERGE_STUDIO_TUNING_CACHE") or cache_root() / "tuning").expanduser()
