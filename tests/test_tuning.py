@@ -254,3 +254,23 @@ def test_the_cli_runs_worker_processes_on_one_study_and_writes_a_recipe_that_mer
     more = run_cli("tune", str(spec_path), "--trials", "1", "--json", "--device", "cpu")
     assert more.returncode == 0, more.stderr
     assert json.loads(more.stdout)["trials"] == 5
+
+
+def test_an_rdb_url_and_a_pareto_search_over_tasks(fam, base_suite, tmp_path):
+    """Any Optuna RDB URL is a storage (SQLite here; PostgreSQL for many machines), and a pareto
+    search has one objective per task, with its front reported."""
+    spec = load_search_spec(spec_dict(fam, base_suite, objective="pareto", sampler="nsga2"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = tune(spec, storage=url, study_name="front", trials=2, device="cpu")
+    study = open_study(spec, url, "front")
+    assert len(study.directions) == 2 and len(study.trials) == 2 == result.trials
+    assert result.pareto and all(len(entry["values"]) == 2 for entry in result.pareto)
+    assert result.to_json()["best"]["params"] == result.best_params and result.best_value == 0.0
+
+
+def test_a_database_password_is_never_printed(fam, base_suite, tmp_path):
+    spec_path = tmp_path / "search.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(fam, base_suite)))
+    result = run_cli("tune", str(spec_path), "--storage", "postgresql://merger:s3cret-pw@127.0.0.1:9/studies", "--trials", "1")
+    assert result.returncode == 1 and "s3cret-pw" not in result.stdout + result.stderr
+    assert "merger:***@127.0.0.1" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")

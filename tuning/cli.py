@@ -20,7 +20,7 @@ from merging.errors import MergeStudioError
 from merging.methods import load_plugins
 from merging.recipe import recipe_from_text
 from merging.sources import SourcePolicy
-from tuning.search import Search, default_storage, describe_trial, run_workers, tune
+from tuning.search import Search, default_storage, describe_trial, run_workers, shown_storage, tune
 from tuning.spec import load_search_spec
 
 
@@ -68,7 +68,7 @@ def cmd_tune(args) -> int:
         search = Search(spec, storage, study, device=args.device, policy=policy, report=report, worker=args.worker)
         search.optimize(trials, lambda s, t: report(f"[worker {args.worker}] {describe_trial(t)}"))
         return 0
-    report(f"study {study} in {storage}; searching " + "; ".join(spec.describe()))
+    report(f"study {study} in {shown_storage(storage)}; searching " + "; ".join(spec.describe()))
     if args.jobs > 1 and trials > 0:
         run_workers(args.spec, storage=storage, study_name=study, trials=trials, jobs=args.jobs, device=args.device,
                     report=report)

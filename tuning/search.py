@@ -19,6 +19,7 @@ normalized by the sources' test scores, and both numbers are reported.
 from __future__ import annotations
 
 import math
+import re
 import os
 import subprocess
 import sys
@@ -110,11 +111,26 @@ def open_storage(storage: str):
     """An Optuna storage from a URL (``sqlite:///``, ``postgresql://``, any RDB URL) or a file path
     (a journal file)."""
     if "://" in storage:
-        return _optuna().storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+        # heartbeats mark a trial FAIL when its worker machine died, so it does not stay RUNNING
+        # forever (Optuna marks the option experimental)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _optuna().exceptions.ExperimentalWarning)
+            try:
+                return _optuna().storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
+            except (ImportError, ModuleNotFoundError) as exc:
+                raise MergeStudioError(f"storage {storage.split('://')[0]}:// needs a database driver: {exc}") from None
+            except Exception as exc:  # SQLAlchemy's errors: a bad URL, an unreachable server
+                raise MergeStudioError(f"cannot open the study storage {storage.split('@')[-1]}: "
+                                       f"{shown_storage(str(exc).splitlines()[0])}") from None
     path = Path(storage).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
 
     return _optuna().storages.JournalStorage(_optuna().storages.journal.JournalFileBackend(str(path)))
+
+def shown_storage(storage: str) -> str:
+    """The storage as printed and reported: a database URL without its password."""
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", storage)
+
 
 def make_sampler(name: str, seed: int):
     if name == "tpe":
@@ -251,7 +267,7 @@ class Search:
             scores = self.runner.run(recipe, self.test)
             test = {"suite": self.test_name, "tasks": scores.tasks, "value": normalized_mean(scores.tasks, test_best),
                     "sources": test_best}
-        return TuneResult(self.study_name, self.storage, value, dict(best.params), recipe.to_yaml(),
+        return TuneResult(self.study_name, shown_storage(self.storage), value, dict(best.params), recipe.to_yaml(),
                           dict(best.user_attrs.get("tasks", {})), len(self.study.get_trials(deepcopy=False)), test, pareto,
                           time.perf_counter() - started, self.spec.settings.objective)
 
