@@ -1,4 +1,5 @@
-"""Merge Studio: ``python app.py`` opens the studio (Models, Merge, Redundancy, Chat, Evaluate, Export).
+"""Merge Studio: ``python app.py`` opens the studio (Models, Merge, Tune, Redundancy, Chat,
+Evaluate, Export).
 
 Importing this module has no side effects: ``build_app()`` returns the Gradio Blocks (what a
 Hugging Face Space or a test launches), and only running it as a script prepares the demo

@@ -1,23 +1,29 @@
 """Named API endpoints for scripting with ``gradio_client`` (no UI): merge_recipe, generate, redundancy,
-list_models.
+tune, list_models.
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
     summary = client.predict(recipe_yaml, api_name="/merge_recipe")
     for text in client.submit(summary["output"], "Hello!", 0.7, 0.9, 128, 0, api_name="/generate"):
         print(text)
+    *lines, result = client.submit(search_spec_yaml, 10, api_name="/tune")  # progress lines, then JSON
 
 Errors come back as ``gradio_client.exceptions.AppError`` whose message says what to fix.
 """
+
+import json
+import threading
 
 import gradio as gr
 
 from chat import ModelPool
 from chat import generate as stream_answer
+from merging.errors import MergeStudioError
 from merging.sources import check_local_access
 from studio import session
 from studio.common import CHAT, HEAVY, session_hash, user_errors
 from studio.settings import Settings
+from tuning.search import describe_trial
 
 
 def register(settings: Settings, pool: ModelPool) -> None:
@@ -69,6 +75,34 @@ def register(settings: Settings, pool: ModelPool) -> None:
             summary.pop(detail)
         return summary
 
+    def tune(spec: str, trials: int = 0, request: gr.Request = None) -> str:
+        """Search a merge's parameters with Optuna (as the Tune tab): ``spec`` is the YAML text of a
+        search spec, a recipe whose values may be ranges ({min, max[, log, step]}, {choices: [...]} or
+        ``tune``), ``merge_method`` may be {choices: [...]}, plus a ``tune:`` section (suite, test_suite,
+        objective mean|pareto, sampler, seed; the format of ``python -m merging tune``). ``trials``:
+        trials to add (0: the spec's tune.trials).
+
+        Each update is one progress line (sources scored, one line per finished trial); the last
+        update is the JSON text of the result: {"best": {"value", "params", "recipe" (a plain recipe
+        for merge_recipe), "validation" {task: accuracy}}, "trials" (in the study), "test" ({"suite",
+        "tasks", "value", "sources"}, or null without a test split), "study", "storage", "seconds"
+        [, "pareto"]}. The study is kept in this session's folder: the same spec again continues it.
+        Cancelling the job stops the search after the current task.
+        """
+        parsed = session.search_spec(spec)
+        count = trials or parsed.settings.trials
+        cancel = threading.Event()
+        result = None
+        for update in session.search(settings, parsed, count, session_hash(request), cancel=cancel):
+            if update.message:
+                yield update.message
+            if update.trial is not None:
+                yield describe_trial(update.trial)
+            result = update.result or result
+        if result is None:
+            raise MergeStudioError("the search stopped before any trial finished: nothing to report")
+        yield json.dumps(result.to_json())
+
     def list_models() -> dict:
         """The models this studio offers by name (the demo family, or its configured list): {name: reference}."""
         return settings.family()
@@ -78,4 +112,5 @@ def register(settings: Settings, pool: ModelPool) -> None:
     gr.api(user_errors(generate), api_name="generate", concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency)
     gr.api(user_errors(redundancy), api_name="redundancy", concurrency_id=HEAVY,
            concurrency_limit=settings.heavy_concurrency)
+    gr.api(user_errors(tune), api_name="tune", concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency)
     gr.api(list_models, api_name="list_models", queue=False)

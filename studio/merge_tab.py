@@ -91,7 +91,7 @@ def layout(settings: Settings, demo: gr.Blocks) -> MergeTab:
 
         with gr.Column(scale=2):
             yaml_code = gr.Code(form.to_yaml(start), language="yaml", label="Recipe (YAML)", interactive=True,
-                                lines=18, buttons=["copy", "download"])
+                                lines=18, buttons=["copy", "download"], elem_id="merge-yaml")
             status = gr.Markdown(_status(start))
             upload = gr.UploadButton("Upload recipe (.yaml)", file_types=[".yaml", ".yml"], size="sm")
             with gr.Row(equal_height=True):
@@ -247,6 +247,14 @@ def load_recipe_of(settings: Settings, model: str, current: dict, version: dict,
     if not model or not model.strip():
         raise MergeStudioError("give a merged model: a Hub id such as org/name, or one of this session's merges")
     return _adopt(recipe_of(model.strip(), session.policy(settings, session_hash(request))), current, version)
+
+
+def load_text(text: str | None, current: dict, version: dict):
+    """A recipe made elsewhere (the Tune tab's best), into the editor, state and controls; the
+    outputs are ``[*edits, version, *header]``, as for an uploaded recipe."""
+    if not text or not text.strip():
+        raise MergeStudioError("there is no recipe to use yet: run a search until a trial finishes")
+    return _adopt(text, current, version)
 
 
 def _adopt(text: str, current: dict, version: dict):

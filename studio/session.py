@@ -7,28 +7,40 @@ that hash, so two visitors never share one and nobody can name another's:
     <work dir>/sessions/<digest>/merges/<method>-<time>/   merged models
     <work dir>/sessions/<digest>/uploads/                  calibration and perplexity texts
     <work dir>/sessions/<digest>/sweeps/                   the DARE sweep's scratch merges
+    <work dir>/sessions/<digest>/searches/<hash>.journal   parameter searches: one Optuna study per
+                                                           search spec (its fingerprint), resumed by Start
 
 Hosted (a Space), a session may read the offered models, Hub ids and its own folder only, and
-folders untouched for ``MERGE_STUDIO_SESSION_HOURS`` are deleted.
+folders untouched for ``MERGE_STUDIO_SESSION_HOURS`` are deleted; a parameter search runs at most
+``max_tune_trials`` trials for at most ``max_tune_minutes``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from evaluation import registered_suites
 from merging.engine import merge
+from merging.errors import Cancelled, MergeStudioError, SourceError
+from merging.sources import SourcePolicy, allowed_path
 from merging.stages import final_stage, merge_stages
-from merging.errors import MergeStudioError
-from merging.sources import SourcePolicy
 from studio import recipe_form as form
 from studio.settings import Settings
+from tuning.search import Search, TuneResult
+from tuning.spec import SearchSpec, load_search_spec
 from viz.stats import RedundancyStats, delta_statistics, model_labels
 
 # -- where a session's files are, and what it may read ------------------------------------------
@@ -182,6 +194,139 @@ def measure(settings: Settings, base: str, sources: list[str], density: float, s
     return delta_statistics(base, sources, density=density, device=settings.device, policy=policy(settings, session_hash),
                             labels=labels, threads=1, cancel=cancel, progress=progress, merged=merged or None,
                             merged_label=merged_label)
+
+
+# -- parameter search ----------------------------------------------------------------------------
+
+def search_spec(source: str | dict) -> SearchSpec:
+    """A search spec from YAML text or a mapping; text is always parsed as YAML, never opened as a
+    file (a hosted studio must not let a one-line ``x.yaml`` read a server file)."""
+    if isinstance(source, str):
+        if not source.strip():
+            raise MergeStudioError("the search spec is empty: give a recipe whose values may be ranges, "
+                                   "plus a tune: section")
+        try:
+            source = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            raise MergeStudioError(f"the search spec is not valid YAML: {exc}") from None
+    if not isinstance(source, dict):
+        raise MergeStudioError("a search spec is a recipe (a YAML mapping) whose values may be ranges, "
+                               "plus a 'tune:' section")
+    return load_search_spec(source)
+
+
+def save_suite(settings: Settings, session_hash: str | None, text: str, name: str) -> Path:
+    """An uploaded JSONL suite saved in the session's ``uploads/<digest>/<name>``: named by its
+    content, so uploading the same file again gives the same path (and a search the same study);
+    the file name stays the task name of lines that give none."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = folder(settings, session_hash, create=True) / "uploads" / digest / (Path(name).name or "suite.jsonl")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def check_search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str | None) -> None:
+    """Refuse what a session may not search: more trials than the studio allows, and (hosted) a
+    suite or text file outside the session's folder and the offered models (suites by name pass)."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise MergeStudioError(f"trials must be a whole number of at least 1, not {trials!r}")
+    cap = settings.max_tune_trials
+    if cap is not None and trials > cap:
+        raise MergeStudioError(f"this studio runs at most {cap} trials per search (MERGE_STUDIO_MAX_TUNE_TRIALS); "
+                               f"ask for {cap} or fewer, and start again to add more")
+    allowed = policy(settings, session_hash)
+    named = registered_suites()
+    for key in ("suite", "test_suite", "text"):
+        value = getattr(spec.settings, key)
+        if value is None or (key != "text" and value in named):
+            continue
+        if not allowed_path(Path(value).expanduser(), allowed):
+            raise SourceError(f"tune.{key} {value!r}: local paths are disabled on this hosted studio; name a suite "
+                              f"({', '.join(named) or 'none registered'}) or upload a JSONL file in the Tune tab")
+
+
+@dataclass
+class SearchUpdate:
+    """One step of a session's search, as ``search`` yields them: a progress line, the study
+    (when opened and after each trial, with that trial), or the result at the end."""
+
+    message: str | None = None
+    study: Any = None  # the Optuna study
+    trial: Any = None  # the trial that just finished (a FrozenTrial)
+    result: TuneResult | None = None
+
+
+def study_of(settings: Settings, spec: SearchSpec, session_hash: str | None) -> tuple[str, str]:
+    """(storage, study name) of ``spec`` for a session: a journal file per spec fingerprint in the
+    session's ``searches/``, so starting the same search again continues its study."""
+    fingerprint = spec.fingerprint()
+    storage = folder(settings, session_hash, create=True) / "searches" / f"{fingerprint}.journal"
+    return str(storage), f"search-{fingerprint}"
+
+
+def search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str | None, *,
+           cancel: threading.Event) -> Iterator[SearchUpdate]:
+    """Run ``trials`` more trials of ``spec`` for a session, yielding ``SearchUpdate``s as they come.
+
+    The search runs on a thread of its own (``tuning.search.Search``: sources scored, then one
+    in-memory merge and evaluation per trial) under the session's policy; this generator relays
+    its progress. ``cancel`` (the session's Stop) stops it at the next task boundary, keeping the
+    finished trials; so does the studio's time limit, and closing the generator (the visitor
+    left). The last update holds the result: the best recipe, scored on the test split unless
+    stopped; a search stopped before any trial finished ends with a message instead.
+    """
+    check_search(settings, spec, trials, session_hash)
+    home = folder(settings, session_hash, create=True)
+    prune(settings, keep=home)
+    storage, study = study_of(settings, spec, session_hash)
+    updates: queue.Queue = queue.Queue()
+    started = time.perf_counter()
+
+    def work() -> None:
+        try:
+            runner = Search(spec, storage, study, device=settings.device, policy=policy(settings, session_hash),
+                            cancel=cancel, report=lambda line: updates.put(SearchUpdate(message=line)))
+            updates.put(SearchUpdate(study=runner.study))
+            try:
+                runner.optimize(trials, lambda study, trial: updates.put(SearchUpdate(study=study, trial=trial)))
+            except Cancelled:  # stopped while a trial was being scored: that trial failed, the others stay
+                pass
+            finished = any(t.state.name == "COMPLETE" for t in runner.study.get_trials(deepcopy=False))
+            if cancel.is_set() and not finished:
+                updates.put(SearchUpdate(message="stopped before any trial finished"))
+            else:
+                updates.put(SearchUpdate(study=runner.study, result=runner.result(started)))
+        except Cancelled:
+            updates.put(SearchUpdate(message="stopped before any trial finished"))
+        except BaseException as exc:  # noqa: BLE001  (handed to the generator, which raises it)
+            updates.put(exc)
+        finally:
+            updates.put(None)
+
+    thread = threading.Thread(target=work, name="parameter-search", daemon=True)
+    minutes = settings.max_tune_minutes
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    thread.start()
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline and not cancel.is_set():
+                cancel.set()
+                yield SearchUpdate(message=f"the time limit of {minutes:g} minutes per search was reached "
+                                           "(MERGE_STUDIO_MAX_TUNE_MINUTES): stopping after the current task")
+            try:
+                update = updates.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if update is None:
+                return
+            if isinstance(update, BaseException):
+                raise update
+            yield update
+    finally:
+        if thread.is_alive():  # the caller went away (a closed browser tab): stop the search too
+            cancel.set()
 
 
 class StopSignal:

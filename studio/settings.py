@@ -21,6 +21,10 @@ Environment variables (all optional):
   once (default 4); ``MERGE_STUDIO_QUEUE_SIZE``: waiting requests before new ones are refused
   (default 64 hosted, unlimited locally); ``MERGE_STUDIO_SESSION_HOURS``: hosted session
   folders older than this are deleted (default 24).
+- ``MERGE_STUDIO_MAX_TUNE_TRIALS``: the most trials one parameter search (a Start in the Tune
+  tab, a call of the ``tune`` endpoint) may run; default 20 hosted, unlimited locally.
+  ``MERGE_STUDIO_MAX_TUNE_MINUTES``: a search still running after this many minutes stops at
+  its next task boundary, keeping its finished trials; default 15 hosted, unlimited locally.
 - Read by the packages themselves: ``MERGE_STUDIO_CHAT_BUDGET`` (chat memory budget),
   ``MERGE_STUDIO_VOTES`` (A/B votes file), ``MERGE_STUDIO_CACHE``, ``HF_TOKEN``.
 """
@@ -40,6 +44,7 @@ from merging.runtime import cache_root
 from merging.units import parse_size
 
 DEFAULT_HOSTED_MAX_MODEL = "4GB"
+DEFAULT_HOSTED_TUNE_TRIALS, DEFAULT_HOSTED_TUNE_MINUTES = 20, 15.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class Settings:
     chat_concurrency: int = 4
     queue_size: int | None = None
     session_hours: float = 24.0
+    max_tune_trials: int | None = None  # trials per parameter search; None: unlimited
+    max_tune_minutes: float | None = None  # wall time per parameter search; None: unlimited
     oauth: bool = False  # a LoginButton for pushing: on a Space only (elsewhere Gradio mocks it with this machine's login)
 
     @classmethod
@@ -76,6 +83,10 @@ class Settings:
             chat_concurrency=_count(env, "MERGE_STUDIO_CHAT_CONCURRENCY", 4),
             queue_size=_count(env, "MERGE_STUDIO_QUEUE_SIZE", 64) if hosted or env.get("MERGE_STUDIO_QUEUE_SIZE") else None,
             session_hours=_hours(env, "MERGE_STUDIO_SESSION_HOURS", 24.0),
+            max_tune_trials=_count(env, "MERGE_STUDIO_MAX_TUNE_TRIALS", DEFAULT_HOSTED_TUNE_TRIALS)
+            if hosted or env.get("MERGE_STUDIO_MAX_TUNE_TRIALS") else None,
+            max_tune_minutes=_hours(env, "MERGE_STUDIO_MAX_TUNE_MINUTES", DEFAULT_HOSTED_TUNE_MINUTES, "minutes")
+            if hosted or env.get("MERGE_STUDIO_MAX_TUNE_MINUTES") else None,
             oauth=oauth,
         )
 
@@ -136,7 +147,8 @@ def _count(env: Mapping[str, str], name: str, default: int) -> int:
     return int(text)
 
 
-def _hours(env: Mapping[str, str], name: str, default: float) -> float:
+def _hours(env: Mapping[str, str], name: str, default: float, unit: str = "hours") -> float:
+    """A positive finite number of ``unit`` (hours, minutes) from ``env[name]``, else ``default``."""
     text = env.get(name)
     if not text:
         return default
@@ -145,7 +157,7 @@ def _hours(env: Mapping[str, str], name: str, default: float) -> float:
     except ValueError:
         hours = float("nan")
     if not math.isfinite(hours) or hours <= 0:  # 0 or less would delete every session at the next merge
-        raise MergeStudioError(f"{name}={text!r} must be a number of hours above 0, such as 24 or 0.5")
+        raise MergeStudioError(f"{name}={text!r} must be a number of {unit} above 0, such as 24 or 0.5")
     return hours
 
 

@@ -1,11 +1,12 @@
-"""The studio's Blocks: the six tabs in the order a person works, and the scripting API."""
+"""The studio's Blocks: the seven tabs in the order a person works, and the scripting API."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from chat import ModelPool
-from studio import api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab, session
+from studio import (api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab, session,
+                    tune_tab)
 from studio.settings import Settings
 
 CSS = """
@@ -13,7 +14,7 @@ CSS = """
 .gradio-container { max-width: 1500px !important; }
 #models-table { --font-mono: var(--font); }  /* prose, not code: whole words in the headers, a real ✓ */
 """
-TABS = ("Models", "Merge", "Redundancy", "Chat", "Evaluate", "Export")
+TABS = ("Models", "Merge", "Tune", "Redundancy", "Chat", "Evaluate", "Export")
 
 
 def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
@@ -26,11 +27,13 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
                     "works, and chat with the result beside the models it came from."
                     + ("\n\n*Hosted studio: Hub models only (up to a size limit) besides the demo family; "
                        "merges are kept for this session.*" if settings.hosted else ""))
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Models"):
                 models = models_tab.build(settings, demo)
-            with gr.Tab("Merge"):
+            with gr.Tab("Merge", id="merge"):
                 merged = merge_tab.build(settings, demo, models)
+            with gr.Tab("Tune"):
+                tune_tab.build(settings, demo, models, merged, tabs)
             with gr.Tab("Redundancy"):
                 redundancy_tab.build(settings, models, merged.results)
             with gr.Tab("Chat"):

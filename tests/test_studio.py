@@ -86,7 +86,7 @@ def ties_recipe(fam, density: float = 0.5) -> str:
 def test_api_lists_only_the_named_endpoints(studio):
     _settings, _url, client = studio
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/merge_recipe", "/generate", "/redundancy", "/list_models"}
+    assert set(endpoints) == {"/merge_recipe", "/generate", "/redundancy", "/tune", "/list_models"}
     assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == [
         "model", "prompt", "temperature", "top_p", "max_new_tokens", "seed"]
 
