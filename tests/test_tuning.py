@@ -274,3 +274,12 @@ def test_a_database_password_is_never_printed(fam, base_suite, tmp_path):
     result = run_cli("tune", str(spec_path), "--storage", "postgresql://merger:s3cret-pw@127.0.0.1:9/studies", "--trials", "1")
     assert result.returncode == 1 and "s3cret-pw" not in result.stdout + result.stderr
     assert "merger:***@127.0.0.1" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_spec_text_is_never_opened_as_a_path(fam, base_suite, tmp_path):
+    """A one-line string is YAML text, so a visitor's spec cannot name a server file; a Path is a file."""
+    spec_path = tmp_path / "search.yaml"
+    spec_path.write_text(yaml.safe_dump(spec_dict(fam, base_suite)))
+    assert load_search_spec(spec_path).methods == ("task_arithmetic",)
+    with pytest.raises(RecipeError, match="a search spec is a recipe"):
+        load_search_spec(str(spec_path))

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from evaluation.perplexity import perplexity
 from evaluation.suites import Suite, registered_suites
-from merging.errors import MergeCancelled, MergeStudioError
+from merging.errors import Cancelled, MergeCancelled, MergeStudioError
 from merging.sources import SourcePolicy
 from tuning.spec import SearchSpec
 from tuning.trials import TrialRunner, load_suites
@@ -216,7 +216,8 @@ class Search:
 
         try:
             scores = self.runner.run(recipe, self.validation, on_task)
-        except MergeCancelled:
+        except Cancelled:  # in the merge or the scoring: the trial is recorded as failed, marked stopped
+            trial.set_user_attr("stopped", True)
             raise SearchStopped(STOPPED) from None
         trial.set_user_attr("tasks", scores.tasks)
         trial.set_user_attr("seconds", round(scores.seconds_merge + scores.seconds_eval, 2))
@@ -306,7 +307,8 @@ def describe_trial(trial, total: int | None = None) -> str:
     if trial.state == _optuna().trial.TrialState.PRUNED:
         return f"trial {trial.number}{count} pruned ({tasks}): {params}"
     if trial.state != _optuna().trial.TrialState.COMPLETE:
-        return f"trial {trial.number}{count} {trial.state.name.lower()}: {params}"
+        state = "stopped" if trial.user_attrs.get("stopped") else trial.state.name.lower()
+        return f"trial {trial.number}{count} {state}: {params}"
     value = trial.user_attrs.get("mean", trial.value if trial.values and len(trial.values) == 1 else None)
     seconds = trial.user_attrs.get("seconds")
     timing = f" in {seconds:.1f} s" if seconds else ""

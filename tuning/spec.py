@@ -163,14 +163,15 @@ class SearchSpec:
 
 
 def load_search_spec(source: str | Path | dict) -> SearchSpec:
-    """Parse a search spec from a YAML file, YAML text or a mapping; every error names its place."""
+    """Parse a search spec from a file (a ``Path``), YAML text (a ``str``: never opened as a path,
+    so text from a visitor cannot name a server file) or a mapping; every error names its place."""
     if isinstance(source, dict):
         data = source
     else:
         text = source
-        if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))):
+        if isinstance(source, Path):
             try:
-                text = Path(source).read_text(encoding="utf-8")
+                text = source.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise RecipeError(f"cannot read search spec {source}: {exc}") from None
         try:

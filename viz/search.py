@@ -119,7 +119,8 @@ def trial_rows(study: optuna.Study, method: str | None = None) -> list[dict]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         value = _mean(trial) if trial.state == COMPLETE else float("nan")
-        row = {"trial": trial.number, "state": trial.state.name.lower(),
+        state = "stopped" if trial.user_attrs.get("stopped") else trial.state.name.lower()
+        row = {"trial": trial.number, "state": state,
                "method": trial.params.get("merge_method", method or ""),
                "value": None if math.isnan(value) else round(value, 3)}
         row.update({task: round(100 * score, 1) for task, score in trial.user_attrs.get("tasks", {}).items()})
