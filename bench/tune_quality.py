@@ -8,7 +8,7 @@ test split uses). The best recipe is then scored on the test split (``zoo``, the
 phrasings of the quality table). Scores are average normalized accuracy: each task's accuracy
 divided by its expert's, averaged.
 
-    python bench/tune_quality.py --json tune.json            # 4 searches of 30 trials: ~40 min here
+    python bench/tune_quality.py --json tune.json            # 4 searches of 30 trials: ~19 min here
     python bench/tune_quality.py --trials 5 --methods ties   # a quick look
     python bench/tune_quality.py --json tune.json --readme   # also rewrite the README's table
 """

@@ -204,7 +204,7 @@ class Search:
                 return
             partial = {t: s for t, s in list(self.scores.items())[:done]}
             trial.report(normalized_mean(partial, self.best), done)
-            if trial.should_prune():
+            if done < len(self.validation) and trial.should_prune():  # a fully scored trial is kept
                 trial.set_user_attr("tasks", dict(partial))
                 raise _optuna().TrialPruned(f"after {task}")
 
