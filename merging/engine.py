@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,17 +87,10 @@ def merge(
     started = time.perf_counter()
     compute = pick_device(device)
     max_shard = parse_size(shard_size, "shard size")
-    method = get_method(recipe.merge_method)
     check_supported(recipe)
     check_output_dir(Path(out_dir), overwrite=overwrite)  # before any download
-    models = open_inputs(recipe, policy, resolver)
-    stats = None
-    try:
-        vocabulary = build_vocabulary(recipe, {ref: m.folder for ref, m in models.models.items()}, models.reference.ref,
-                                      {ref: m.config.get("vocab_size") for ref, m in models.models.items()},
-                                      models.tokenizer.folder)
-        plans = plan_tensors(recipe, models, vocabulary.size if vocabulary else None)
-        stats = calibrate_inputs(recipe, method, models, plans, policy, device, calibration_progress, cancel)
+    with _prepared(recipe, policy, resolver, device, calibration_progress, cancel) as (method, models, vocabulary,
+                                                                                     plans, stats):
         protected = [m.folder for m in [models.tokenizer, *models.models.values()]]
         protected += [m.adapter for m in models.models.values() if m.adapter is not None]  # adapters are sources too
         with atomic_output(Path(out_dir), overwrite=overwrite, protected=protected) as temp:
@@ -119,10 +113,6 @@ def merge(
                 ) from None
             finally:
                 writer.abort()
-    finally:
-        models.close()
-        for entry in stats or []:
-            entry.close()
     out = Path(out_dir).expanduser().absolute()
     return MergeResult(
         output=out,
@@ -151,8 +141,22 @@ def merged_tensors(
     a model it keeps in memory). The same checks, calibration and method code as ``merge``; the
     sources close when the iteration ends or is abandoned."""
     compute = pick_device(device)
-    method = get_method(recipe.merge_method)
     check_supported(recipe)
+    with _prepared(recipe, policy, resolver, device, calibration_progress, cancel) as (method, models, vocabulary,
+                                                                                     plans, stats):
+        for index, (plan, out) in enumerate(_merged_tensors(recipe, method, models, plans, compute, progress, cancel,
+                                                            stats, vocabulary)):
+            yield plan.out.name, out
+            if progress is not None:
+                progress(index + 1, len(plans), plan.out.name)
+
+
+@contextmanager
+def _prepared(recipe: Recipe, policy: SourcePolicy, resolver, device: str, calibration_progress, cancel):
+    """What every merge needs before its first tensor: the method, the open models (configs
+    checked before any weight is fetched), the output vocabulary, the tensor plans and the
+    calibration statistics; the models and statistics close when the block ends."""
+    method = get_method(recipe.merge_method)
     models = open_inputs(recipe, policy, resolver)
     stats = None
     try:
@@ -161,11 +165,7 @@ def merged_tensors(
                                       models.tokenizer.folder)
         plans = plan_tensors(recipe, models, vocabulary.size if vocabulary else None)
         stats = calibrate_inputs(recipe, method, models, plans, policy, device, calibration_progress, cancel)
-        for index, (plan, out) in enumerate(_merged_tensors(recipe, method, models, plans, compute, progress, cancel,
-                                                            stats, vocabulary)):
-            yield plan.out.name, out
-            if progress is not None:
-                progress(index + 1, len(plans), plan.out.name)
+        yield method, models, vocabulary, plans, stats
     finally:
         models.close()
         for entry in stats or []:
