@@ -105,7 +105,7 @@ def merge(
                                    recipe.output_dtype, updates)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(temp)
-                write_model_card(temp, recipe)
+                write_model_card(temp, recipe, {ref: m.folder for ref, m in models.models.items()})
             except OSError as exc:
                 raise CheckpointError(
                     f"writing the merged model failed: {exc.strerror or exc}"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import validate_repo_id
 
 from merging.errors import SourceError
 from merging.recipe import Recipe
@@ -18,25 +19,32 @@ CARD = "README.md"
 YAML_BLOCK = re.compile(r"```ya?ml[^\n]*\n(.*?)```", re.S)
 
 
-def write_model_card(folder: Path, recipe: Recipe) -> None:
-    """Write ``README.md`` (YAML front matter: base_model, tags, merge_method) and the recipe.
+def write_model_card(folder: Path, recipe: Recipe, source_folders: dict[str, Path] | None = None) -> None:
+    """Write ``README.md`` (a Hub model card) and the recipe, as ``merge_recipe.yaml`` and as
+    mergekit's ``mergekit_config.yml``.
 
+    The card's metadata is ``huggingface_hub``'s ``ModelCardData``: ``base_model`` lists the
+    merged models that are Hub ids (a local path is no Hub reference and would make the Hub
+    refuse the card) with ``base_model_relation: merge``, so the Hub shows the merge in each
+    source's model tree; ``license`` is the sources' own when every source that states one states
+    the same (``source_folders``: reference -> local folder, whose ``README.md`` is read).
     The recipe file is the exact input to ``python -m merging merge``, so the merge can be
     reproduced from the folder alone.
     """
     spec = recipe.method
     sources = [m.model for m in recipe.models if m.model != recipe.base_model]
-    metadata = {
-        "base_model": [recipe.base_model] if recipe.base_model else sources,
-        "library_name": "transformers",
-        "tags": ["merge", "merge-studio", spec.name],
-        "merge_method": spec.name,
-    }
+    merged = ([recipe.base_model] if recipe.base_model else []) + sources
+    hub_ids = list(dict.fromkeys(ref for ref in (_hub_id(r) for r in merged) if ref))
+    licenses = {_license(Path(f) / CARD) for f in (source_folders or {}).values()} - {None}
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation="merge" if hub_ids else None,
+        library_name="transformers",
+        license=licenses.pop() if len(licenses) == 1 else None,
+        tags=["merge", "merge-studio", "mergekit", spec.name],
+        merge_method=spec.name,
+    )
     lines = [
-        "---",
-        yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
         "# Merged model",
         "",
         f"Made with Merge Studio by **{spec.title}** ([paper]({spec.paper})): {spec.summary}",
@@ -52,11 +60,38 @@ def write_model_card(folder: Path, recipe: Recipe) -> None:
         recipe.to_yaml().rstrip(),
         "```",
         "",
-        f"Reproduce with `python -m merging merge {RECIPE_NAME} OUTPUT_DIR`.",
+        f"Reproduce with `python -m merging merge {RECIPE_NAME} OUTPUT_DIR` (or mergekit's `mergekit-yaml "
+        f"{MERGEKIT_RECIPE} OUTPUT_DIR` for the methods it has).",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    card.save(folder / CARD)
     (folder / RECIPE_NAME).write_text(recipe.to_yaml(), encoding="utf-8")
+    (folder / MERGEKIT_RECIPE).write_text(recipe.to_yaml(), encoding="utf-8")
+
+
+def _hub_id(ref: str) -> str | None:
+    """The Hub repository a reference names (``org/name`` of ``org/name@rev`` or of a LoRA
+    reference ``base+adapter``'s base), or None for a local path."""
+    repo = ref.split("+")[0].split("@")[0]
+    if Path(repo).expanduser().exists() or repo.startswith((".", "/", "~")):
+        return None
+    try:
+        validate_repo_id(repo)
+    except ValueError:
+        return None
+    return repo if "/" in repo else None
+
+
+def _license(card: Path) -> str | None:
+    """The ``license`` of a model card's metadata, or None (no card, none stated, unreadable)."""
+    if not card.is_file():
+        return None
+    try:
+        value = ModelCard.load(card).data.license
+    except Exception:  # a card that does not parse states no license we can rely on
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def recipe_of(ref: str, policy: SourcePolicy = SourcePolicy(), download=snapshot_download) -> str:

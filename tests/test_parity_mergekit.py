@@ -264,3 +264,34 @@ def test_model_card_and_recipe_reproduce_the_merge(name, ours, tmp_path):
     assert sorted(first) == sorted(second)
     for tensor_name in first:
         assert torch.equal(first[tensor_name], second[tensor_name]), tensor_name
+
+
+def test_the_model_card_is_hub_metadata_with_the_sources_and_their_common_license(tmp_path):
+    """base_model lists the merged Hub models with base_model_relation merge (local paths are left
+    out: the Hub refuses them); license only when the sources agree; mergekit's recipe file too."""
+    from huggingface_hub import ModelCard
+
+    from merging.model_card import MERGEKIT_RECIPE, RECIPE_NAME, write_model_card
+    from merging.recipe import recipe_from_text
+
+    sources = {}
+    for name, license in (("a", "apache-2.0"), ("b", "apache-2.0"), ("c", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        if license:
+            (folder / "README.md").write_text(f"---\nlicense: {license}\n---\n# {name}\n")
+        sources[f"org/{name}"] = folder
+    recipe = recipe_from_text("merge_method: ties\nbase_model: org/a\nmodels:\n  - model: org/b@main\n"
+                              f"    parameters: {{density: 0.5}}\n  - model: {tmp_path / 'c'}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    write_model_card(out, recipe, sources)
+    data = ModelCard.load(out / "README.md").data
+    assert data.base_model == ["org/a", "org/b"] and data.base_model_relation == "merge"
+    assert data.license == "apache-2.0" and data.library_name == "transformers"
+    assert {"merge", "merge-studio", "ties"} <= set(data.tags) and data.merge_method == "ties"
+    assert (out / MERGEKIT_RECIPE).read_text() == (out / RECIPE_NAME).read_text() == recipe.to_yaml()
+
+    (tmp_path / "c" / "README.md").write_text("---\nlicense: mit\n---\n")  # the sources disagree: no license
+    write_model_card(out, recipe, sources)
+    assert ModelCard.load(out / "README.md").data.license is None
