@@ -1,4 +1,5 @@
-"""Export tab: download a merged folder as a zip, or push it to the Hugging Face Hub with its model card.
+"""Export tab: download a merged folder as a zip, push it to the Hugging Face Hub with its model card,
+or download it as a LoRA adapter on its base (``merging.lora_export``; the base is the one its recipe names).
 
 The token is the visitor's OAuth token on a Space (``gr.LoginButton``), else (locally) the one
 huggingface_hub finds (``HF_TOKEN`` or ``huggingface-cli login``). It goes straight to
@@ -15,7 +16,12 @@ from huggingface_hub import get_token
 
 from merging.errors import MergeStudioError
 from merging.export import push_to_hub, zip_folder
-from studio.common import INSTANT, UI, handler, served_dir
+from merging.lora_export import extract_lora
+from merging.model_card import RECIPE_NAME
+from merging.stages import final_stage
+from studio import session
+from studio.common import HEAVY, INSTANT, UI, handler, served_dir, session_hash
+from studio.recipe_form import stages_from_text
 from studio.settings import Settings
 
 EXPORT = dict(concurrency_id="export", concurrency_limit=2, **UI)
@@ -30,6 +36,10 @@ class ExportTab:
     private: gr.Checkbox
     push_button: gr.Button
     pushed: gr.Markdown
+    lora_rank: gr.Slider
+    lora_button: gr.Button
+    lora_archive: gr.File
+    lora_report: gr.Markdown
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -53,7 +63,15 @@ def layout(settings: Settings) -> ExportTab:
         private = gr.Checkbox(True, label="Private", scale=1)
     push_button = gr.Button("Push to the Hub", variant="primary", interactive=settings.oauth or not settings.hosted)
     pushed = gr.Markdown()
-    return ExportTab(chosen, zip_button, archive, repo, private, push_button, pushed)
+    gr.Markdown("### LoRA adapter\nThe merge as a PEFT LoRA adapter on its base (the recipe's `base_model`): per "
+                "linear layer, the best rank-r approximation of merged − base. Higher ranks fit better and weigh more.")
+    with gr.Row():
+        lora_rank = gr.Slider(1, 256, value=16, step=1, label="Rank r")
+        lora_button = gr.Button("Extract the adapter")
+        lora_archive = gr.File(label="Adapter (zip)", interactive=False)
+    lora_report = gr.Markdown()
+    return ExportTab(chosen, zip_button, archive, repo, private, push_button, pushed, lora_rank, lora_button,
+                     lora_archive, lora_report)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -87,6 +105,30 @@ def push_with_local_token(settings: Settings, output: str, name: str, is_private
     return f"✓ Pushed to [{url}]({url})"
 
 
+def base_of(folder: Path) -> str:
+    """The base model a session merge was made from: its recipe's ``base_model``."""
+    recipe = folder / RECIPE_NAME
+    if not recipe.is_file():
+        raise MergeStudioError(f"{folder.name} has no {RECIPE_NAME}, so its base model is unknown; merge again")
+    base = final_stage(stages_from_text(recipe.read_text(encoding="utf-8"))).base_model
+    if not base:
+        raise MergeStudioError("this merge's recipe names no base_model; a LoRA adapter needs the base it applies to, "
+                               "so merge with a method that has one (ties, task_arithmetic, ...)")
+    return base
+
+
+def make_lora(settings: Settings, output: str, rank: float, done: list, request: gr.Request | None = None):
+    """The chosen merge as a LoRA adapter on its base, written into the session's folder: (zip, report)."""
+    folder = result_folder(output, done)
+    if isinstance(rank, float) and rank.is_integer():
+        rank = int(rank)  # the slider sends numbers as floats
+    visitor = session_hash(request)
+    out = session.folder(settings, visitor, create=True) / "adapters" / f"{folder.name}-lora-r{rank}"
+    result = extract_lora(str(folder), base_of(folder), out, rank, device=settings.device, overwrite=True,
+                          policy=session.policy(settings, visitor))
+    return str(zip_folder(result.output, served_dir("zips", fresh=False))), f"✓ {result.describe()}"
+
+
 def offer_results(done: list):
     return gr.Dropdown(choices=[(r["name"], r["output"]) for r in done], value=done[-1]["output"] if done else None)
 
@@ -97,6 +139,9 @@ def wire(tab: ExportTab, settings: Settings, results: gr.State) -> None:
     push = handler(push_with_login) if settings.oauth else handler(push_with_local_token, settings)
     tab.zip_button.click(handler(make_zip), [tab.chosen, results], [tab.archive], **EXPORT)
     tab.push_button.click(push, [tab.chosen, tab.repo, tab.private, results], [tab.pushed], **EXPORT)
+    tab.lora_button.click(handler(make_lora, settings), [tab.chosen, tab.lora_rank, results],
+                          [tab.lora_archive, tab.lora_report], concurrency_id=HEAVY,  # an SVD per layer: heavy work
+                          concurrency_limit=settings.heavy_concurrency, **UI)
     results.change(offer_results, [results], [tab.chosen], **INSTANT)
 
 
