@@ -24,7 +24,8 @@ from merging.checkpoint import CheckpointReader, safetensors_files
 from merging.errors import MergeStudioError, SourceError
 from merging.plan import config_mismatch, layout_mismatch
 from merging.runtime import meta_model
-from merging.sources import HUB_ID, SourcePolicy, hub_weights_bytes, resolve_model, snapshot_download, split_revision
+from merging.sources import (HUB_ID, SourcePolicy, hub_tensors, hub_weights_bytes, resolve_model, snapshot_download,
+                             split_revision)
 
 Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
 
@@ -106,24 +107,9 @@ def _local_tensors(folder: Path, ref: str, policy: SourcePolicy) -> tuple[Tensor
     return tensors, sum(p.stat().st_size for p in safetensors_files(folder))
 
 
-_HUB_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
 def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
-    # Deferred: huggingface_hub takes a second to import, and local models never need it.
-    from huggingface_hub import get_safetensors_metadata
-
+    tensors = hub_tensors(ref)
     repo_id, revision = split_revision(ref)
-    try:
-        metadata = get_safetensors_metadata(repo_id, revision=revision)
-    except Exception as exc:  # huggingface_hub raises many types (not found, gated, no safetensors)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(f"cannot read the safetensors metadata of {ref!r} on the Hub ({reason})") from None
-    tensors = {}
-    for file in metadata.files_metadata.values():
-        for name, tensor in file.tensors.items():
-            tensors[name] = (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
     try:
         size = hub_weights_bytes(repo_id, revision)
     except MergeStudioError:

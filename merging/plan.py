@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass, field
 
 from merging.adapters import open_reader
-from merging.checkpoint import CheckpointReader, TensorInfo
+from merging.checkpoint import CheckpointReader, TensorInfo, safetensors_files
 from merging.errors import CheckpointError, RecipeError
 from merging.recipe import ModelEntry, OutputSlice, Recipe, entries_for, resolve, slice_base
-from merging.sources import ResolvedModel, SourcePolicy, resolve_model
+from merging.sources import HUB_ID, ResolvedModel, SourcePolicy, hub_tensors, resolve_model, split_revision
 from merging.vocabulary import is_vocabulary_tensor
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -98,6 +98,8 @@ def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) ->
     """
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
     check_configs(models, vocabularies_may_differ=recipe.tokenizer is not None)
+    if recipe.slices is None:  # slices may take layers from models of other depths
+        check_layouts_before_download(models, vocabularies_may_differ=recipe.tokenizer is not None)
     adapted = next((m.ref for m in models.models.values() if getattr(m, "adapter", None)), None)
     if adapted and recipe.method.calibration:
         raise CheckpointError(f"{recipe.merge_method} calibrates whole models, which does not apply LoRA adapters yet "
@@ -137,6 +139,37 @@ def check_configs(models: ModelSet, *, vocabularies_may_differ: bool = False) ->
     (with a tokenizer setting, vocabularies may differ: they are aligned to the output's)."""
     for other in models.models.values():
         problem = config_mismatch(models.reference, other, vocabularies_may_differ)
+        if problem:
+            raise CheckpointError(problem)
+
+
+def check_layouts_before_download(models: ModelSet, *, vocabularies_may_differ: bool = False) -> None:
+    """For Hub models not yet downloaded, tensor names and shapes from their safetensors headers
+    (range reads of a few KB per file) against the reference's, before any weight is fetched:
+    two models with the same config whose checkpoints differ in one tensor are refused here,
+    not after a download of gigabytes (local folders are checked as they are read, in
+    ``plan_tensors``). Models with a LoRA adapter keep their base's layout and are skipped."""
+    remote = [m for m in models.models.values()
+              if getattr(m, "adapter", None) is None and not safetensors_files(m.folder)
+              and HUB_ID.match(split_revision(m.ref)[0])]
+    if not remote:
+        return
+    reference = models.reference
+    if reference in remote:
+        layout = {name: shape for name, (shape, _) in hub_tensors(reference.ref).items()}
+    elif getattr(reference, "adapter", None) is None and safetensors_files(reference.folder):
+        reader = CheckpointReader(reference.folder, label=reference.ref)
+        try:
+            layout = {name: tuple(reader.info(name).shape) for name in reader.names()}
+        finally:
+            reader.close()
+    else:
+        return
+    for model in remote:
+        if model is reference:
+            continue
+        theirs = {name: shape for name, (shape, _) in hub_tensors(model.ref).items()}
+        problem = layout_mismatch(reference.ref, layout, model.ref, theirs, vocabularies_may_differ)
         if problem:
             raise CheckpointError(problem)
 

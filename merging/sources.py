@@ -280,3 +280,24 @@ def check_size(repo_id: str, revision: str | None, max_bytes: int) -> None:
             f"{repo_id} has {format_bytes(size)} of weights; this studio accepts models up to "
             f"{format_bytes(max_bytes)}. Choose a smaller model, or run Merge Studio yourself"
         )
+
+
+_HUB_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def hub_tensors(ref: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of a Hub model's safetensors, from their headers only
+    (``huggingface_hub.get_safetensors_metadata``: HTTP range reads of a few KB per file), so a
+    checkpoint that cannot be merged is refused before any weight is downloaded."""
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
+    from huggingface_hub import get_safetensors_metadata
+
+    repo_id, revision = split_revision(ref)
+    try:
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as exc:  # huggingface_hub raises many types (not found, gated, no safetensors)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceError(f"cannot read the safetensors metadata of {ref!r} on the Hub ({reason})") from None
+    return {name: (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
+            for file in metadata.files_metadata.values() for name, tensor in file.tensors.items()}
