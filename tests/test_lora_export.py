@@ -25,15 +25,18 @@ TOKENS = torch.tensor([[1, 5, 17, 42, 99, 200, 311, 7]])
 FULL = 4096  # more than any tiny layer's smaller side: every layer at its full rank
 
 
+FAMILIES = {"llama": {}, "gpt2": {}, "qwen2": {"tie_word_embeddings": False}}  # gpt2: Conv1D; qwen2: untied lm_head
+
+
 def linear_only(arch: str, tmp_path):
-    """(base, merged): merged is the base with only the linear layers of fine-tune 1 (2-D weights of
-    projections), so LoRA on linear layers can express the whole difference."""
-    fam = family(arch, 2)
+    """(base, merged): merged is the base with only the linear layers of fine-tune 1 (its 2-D weights
+    but the embeddings; an lm_head is stored only when untied), so LoRA can express the whole difference."""
+    fam = family(arch, 2, **FAMILIES[arch])
     expert = load_model_tensors(fam.finetuned[0])
 
     def take_linear(state):
         for name in state:
-            if state[name].ndim == 2 and not any(part in name for part in ("embed", "wte", "wpe", "lm_head")):
+            if state[name].ndim == 2 and not any(part in name for part in ("embed", "wte", "wpe")):
                 state[name] = expert[name].clone()
 
     merged = copy_model(fam.base, tmp_path / f"{arch}-merged")
@@ -72,7 +75,7 @@ def logits_with_adapter(base, adapter) -> torch.Tensor:
         return model(TOKENS).logits.detach()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_base_plus_adapter_approaches_the_merge_as_the_rank_grows_and_equals_it_at_full_rank(arch, tmp_path):
     base, merged = linear_only(arch, tmp_path)
     with torch.no_grad():
@@ -81,6 +84,7 @@ def test_base_plus_adapter_approaches_the_merge_as_the_rank_grows_and_equals_it_
     for rank in (1, 4, 16, FULL):
         result = extract_lora(str(merged), str(base), tmp_path / f"r{rank}", rank, device="cpu")
         assert not result.left_out and result.left_out_share == 0
+        assert ("lm_head" in {layer.name for layer in result.layers}) == (arch == "qwen2")
         # mean squared: the fine-tunes' deltas are random (full-rank), so a single logit's gap need not shrink
         gaps.append(float((logits_with_adapter(base, result.output) - target).square().mean()))
         errors.append(result.relative_error)
@@ -120,10 +124,19 @@ def test_reported_errors_match_an_independent_float64_svd_and_what_lora_cannot_h
     assert result.relative_error == pytest.approx(math.sqrt(tails / totals), rel=1e-6)
     changed = {n for n in after if not torch.equal(after[n], before[n])}
     assert set(result.left_out) == changed - {f"{layer.name}.weight" for layer in result.layers}
-    assert result.left_out and all("norm" in n or "embed" in n for n in result.left_out)
+    assert result.left_out and all("norm" in n or "embed" in n for n in result.left_out)  # lm_head is tied here
     left = sum(float(((after[n].double() - before[n].double()) ** 2).sum()) for n in result.left_out)
     assert result.left_out_share == pytest.approx(left / (left + totals), rel=1e-6)
     assert "Left out" in result.describe() and "MiB" in result.describe()
+
+
+def test_biases_and_norms_are_left_out_and_an_untied_lm_head_is_a_lora_target(tmp_path):
+    fam = family("qwen2", 2, **FAMILIES["qwen2"])
+    result = extract_lora(str(fam.finetuned[0]), str(fam.base), tmp_path / "adapter", 8, device="cpu")
+    assert "lm_head" in {layer.name for layer in result.layers}
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.input_layernorm.weight"} <= set(result.left_out)
+    assert 0 < result.left_out_share < 1
+    logits_with_adapter(fam.base, result.output)  # loads without key warnings
 
 
 def test_bad_rank_mismatched_models_and_sources_as_output_are_one_line_errors(tmp_path):
