@@ -11,7 +11,9 @@ Decisions:
 - The SVD runs in float64. A merge's Δ is small next to W and its spectrum falls over orders of
   magnitude; in float32 the tail singular values sit at rounding noise (~1e-7 σ₁), so the reported
   error at high ranks would be noise, and the full-rank adapter would not reproduce Δ to float32
-  rounding. Δ itself is formed in float64 from the stored tensors, which is exact.
+  rounding. Δ itself is formed in float64 from the stored tensors, which is exact. The cost is small:
+  a 576 × 1536 layer (SmolLM2-135M's MLP) took 0.70 s in float64 against 0.44 s in float32 on two
+  shared CPU cores, so the demo model's 210 layers take 2-3 minutes on CPU (``--device cuda`` for more).
 - S is split evenly (√S into each factor): the two factors then have equal norms, which keeps
   them in range if someone casts them to float16 and is the balanced start LoRA training expects.
 - Factors are saved in float32: peft upcasts adapter weights to float32 when loading
