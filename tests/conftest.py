@@ -28,6 +28,7 @@ os.environ.setdefault("MERGE_STUDIO_CALIBRATION_CACHE", tempfile.mkdtemp(prefix=
 os.environ.setdefault("MERGE_STUDIO_TUNING_CACHE", tempfile.mkdtemp(prefix="merge-studio-tuning-"))  # sources' scores
 
 from tests.support.families import build_family  # noqa: E402
+from tests.support.hub_fixture import hub  # noqa: E402,F401  (the local Hub server fixture)
 
 SMALL = dict(hidden_size=64, vocab_size=512)
 

@@ -7,7 +7,9 @@ one helper process imports the CLI's modules once, and for each call forks a chi
 stdout/stderr file descriptors, real exit status, an uncaught exception prints its traceback
 and exits 1 as the interpreter would). Only the interpreter start-up is skipped. Pass
 ``fresh=True`` (or set ``MERGE_TESTS_FRESH_CLI=1`` to do it everywhere) for a brand-new
-``python -m merging`` process.
+``python -m merging`` process; a call made after a test changed the ``HF_*`` environment (the
+``hub`` fixture's local Hub server, ``HF_TOKEN``) gets one too, since the warm process imported
+``huggingface_hub``, which reads those variables once.
 """
 
 from __future__ import annotations
@@ -152,14 +154,26 @@ _SERVER_SOURCE = textwrap.dedent(r"""
 """)
 
 _server: subprocess.Popen | None = None
+_HUB_PREFIXES = ("HF_", "HUGGING_FACE_", "TRANSFORMERS_")
+
+
+def _hub_env() -> dict[str, str]:
+    """The environment variables ``huggingface_hub`` reads once, at import (``HF_ENDPOINT``, ...)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(_HUB_PREFIXES)}
+
+
+_BASE_HUB_ENV = _hub_env()  # the session's own: the warm server always runs with it
 
 
 def _get_server() -> subprocess.Popen:
     global _server
     if _server is None or _server.poll() is not None:
+        env = {k: v for k, v in _cli_env().items() if not k.startswith(_HUB_PREFIXES)}
+        env.update(_BASE_HUB_ENV)
+        env.setdefault("HF_HUB_OFFLINE", "1")
         _server = subprocess.Popen(
             [sys.executable, "-c", _SERVER_SOURCE], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=_cli_env(),
+            text=True, env=env,
         )
         atexit.register(_stop_server, _server)
     return _server
@@ -185,7 +199,10 @@ def run_cli(*args, cwd: Path | None = None, fresh: bool = False, preexec_fn=None
     """Run ``python -m merging ARGS`` and return its exit status and output."""
     argv = [str(a) for a in args]
     cwd = Path(cwd or REPO)
-    if fresh or FRESH_ALWAYS or preexec_fn is not None:
+    # The warm server imported huggingface_hub with the session's HF_* environment; a test that
+    # changed it (the ``hub`` fixture's HF_ENDPOINT, an HF_TOKEN) needs a fresh process.
+    hub_env_changed = _hub_env() != _BASE_HUB_ENV
+    if fresh or FRESH_ALWAYS or preexec_fn is not None or hub_env_changed:
         done = subprocess.run(
             [sys.executable, "-m", "merging", *argv], cwd=cwd, capture_output=True, text=True,
             env=_cli_env(), timeout=CLI_TIMEOUT, preexec_fn=preexec_fn,
