@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import error_line, family, load_model_tensors, run_cli, write_recipe
+from helpers import copy_model, edit_tensors, error_line, family, load_model_tensors, run_cli, write_recipe
 from merging.errors import CheckpointError, SourceError
 from merging.sources import resolve_model
 
@@ -99,6 +99,26 @@ def test_incompatible_hub_pair_is_refused_before_any_safetensors_byte(hub, llama
     assert hub.sent(suffix=".safetensors") == 0
 
 
+def test_layout_mismatch_is_refused_after_only_safetensors_headers(hub, llama, in_empty_dir, tmp_path):
+    """Same config, one tensor reshaped: the safetensors headers (HTTP Range) show it, so only
+    header bytes are sent, never a whole weights file (issue #16 item 2)."""
+    from merging.engine import merge
+    from merging.recipe import load_recipe
+
+    broken = copy_model(llama.finetuned[0], tmp_path / "broken")
+    edit_tensors(broken, lambda state: state.update({
+        "model.layers.0.mlp.up_proj.weight": state["model.layers.0.mlp.up_proj.weight"][:-1].clone()}))
+    hub.publish("org/base", llama.base)
+    hub.publish("org/broken", broken)
+    recipe = load_recipe("merge_method: ties\nbase_model: org/base\nmodels: [org/broken]\n")
+    with pytest.raises(CheckpointError, match="up_proj"):
+        merge(recipe, tmp_path / "out", device="cpu")
+    for repo, folder in (("org/base", llama.base), ("org/broken", broken)):
+        sent = hub.sent(repo, suffix=".safetensors")
+        assert 0 < sent <= 100_001 < (folder / "model.safetensors").stat().st_size, (repo, sent)
+    assert not (tmp_path / "out").exists()
+
+
 # -- private and gated repos -----------------------------------------------------------------
 
 def test_private_repo_needs_the_token(hub, llama, in_empty_dir, tmp_path, monkeypatch):
@@ -175,6 +195,19 @@ def test_safetensors_metadata_reads_only_the_header_with_http_range(hub, llama):
     sent = hub.sent("org/base", suffix=".safetensors")
     assert sent == min(100_001, size) < size  # the client's first 100 KB read, never the whole file
     assert any(status == 206 for _, _, status in hub.requests)
+
+
+def test_safetensors_metadata_of_a_sharded_model_reads_each_shard_header(hub):
+    import huggingface_hub
+
+    sharded = family("llama", 1, shard_size="20KB")
+    shards = sorted(p.name for p in sharded.base.glob("*.safetensors"))
+    assert len(shards) > 2
+    hub.publish("org/sharded", sharded.base)
+    metadata = huggingface_hub.get_safetensors_metadata("org/sharded")  # HEAD model.safetensors: 404 first
+    assert metadata.sharded and sorted(metadata.files_metadata) == shards
+    assert metadata.weight_map.keys() == load_model_tensors(sharded.base).keys()
+    assert not any(path.endswith("/model.safetensors") and status == 200 for _, path, status in hub.requests)
 
 
 def test_range_requests_follow_http_semantics(hub):

@@ -258,6 +258,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     hub: HubServer
     cdn: bool
     protocol_version = "HTTP/1.1"
+    timeout = 60  # an idle keep-alive connection (the client's pool outlives a test's server) ends its thread
 
     def log_message(self, format, *args):  # quiet: tests read ``hub.requests`` instead
         pass
