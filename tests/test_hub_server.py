@@ -135,6 +135,9 @@ def test_private_repo_needs_the_token(hub, llama, in_empty_dir, tmp_path, monkey
 
     monkeypatch.setenv("HF_TOKEN", hub.token)
     assert _files(resolve_model("org/secret").folder) == _files(llama.finetuned[0])
+    merged = run_cli("merge", tmp_path / "r.yaml", tmp_path / "out", "--quiet", cwd=tmp_path)  # a new process
+    assert merged.returncode == 0, merged.stderr
+    _assert_same_tensors(tmp_path / "out", llama.finetuned[0])
 
 
 def test_private_and_missing_repos_look_the_same_without_a_token(hub, llama, in_empty_dir):
@@ -246,3 +249,13 @@ def test_upload_folder_commits_what_snapshot_download_then_fetches(hub, llama, t
     assert _files(Path(folder)) == _files(llama.finetuned[1])
     with pytest.raises(Exception, match="RepositoryNotFound|Repository Not Found"):
         HfApi(token=False).model_info("org/merged")  # private: not visible without the token
+
+
+def test_push_to_hub_uploads_a_folder_that_resolves_back(hub, llama, in_empty_dir, monkeypatch):
+    from merging.export import push_to_hub
+
+    url = push_to_hub(llama.finetuned[0], "my-merge", private=True, token=hub.token)
+    assert url.endswith("/tester/my-merge")  # a short name goes to the token's user (whoami)
+    assert hub.repos["tester/my-merge"].private
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    assert _files(resolve_model("tester/my-merge").folder) == _files(llama.finetuned[0])

@@ -287,20 +287,20 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.body = self.rfile.read(length)
         elif "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             self.body = self._read_chunked()
-        status = 500
         try:
-            status = self._route(method)
+            self._route(method)
         except HubError as err:
-            status = err.status
             self._json(err.status, {"error": err.message, **err.body}, method,
                        {**({"X-Error-Code": err.code} if err.code else {}), "X-Error-Message": err.message,
                         **err.headers})
         except Exception as exc:  # a bug here must show in the test, not hang the client
             self._json(500, {"error": f"{type(exc).__name__}: {exc}"}, method)
             raise
-        finally:
-            with self.hub._lock:
-                self.hub.requests.append((method, self.path, status))
+
+    def send_response(self, code, message=None):
+        with self.hub._lock:  # logged before the client can see the answer (tests read it right after)
+            self.hub.requests.append((self.command, self.path, code))
+        super().send_response(code, message)
 
     def _read_chunked(self) -> bytes:
         parts = []
@@ -351,11 +351,22 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if method != "HEAD" and body:
+            self._write(body, count)
+        return status
+
+    def _write(self, body: bytes, count: tuple[str, str | None] | None) -> None:
+        """Send ``body``, counted before the write: the client may act on the last byte (and a test
+        read the counter) before this thread runs again."""
+        if count is not None:
+            with self.hub._lock:
+                self.hub.bytes_sent[count] += len(body)
+        try:
             self.wfile.write(body)
+        except OSError:  # the client went away: count nothing of it
             if count is not None:
                 with self.hub._lock:
-                    self.hub.bytes_sent[count] += len(body)
-        return status
+                    self.hub.bytes_sent[count] -= len(body)
+            raise
 
     def _json(self, status: int, data, method: str, headers: dict | None = None, repo_id: str | None = None) -> int:
         body = json.dumps(data).encode()
@@ -511,9 +522,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if method != "HEAD":
-            self.wfile.write(body)
-            with self.hub._lock:
-                self.hub.bytes_sent[count] += len(body)
+            self._write(body, count)
         return status
 
     # -- writes (item 4) -------------------------------------------------------------------------
