@@ -176,6 +176,8 @@ def test_pinned_revision_fetches_that_revisions_files(hub, llama, in_empty_dir):
     _assert_same_tensors(resolve_model(f"org/model@{old}").folder, llama.base)
     _assert_same_tensors(resolve_model("org/model").folder, llama.finetuned[0])
     _assert_same_tensors(resolve_model(f"org/model@{new}").folder, llama.finetuned[0])
+    hub.add_tag("org/model", "v1.0", old)
+    _assert_same_tensors(resolve_model("org/model@v1.0").folder, llama.base)
     hub.publish("org/model", llama.finetuned[1], revision="experiment")
     _assert_same_tensors(resolve_model("org/model@experiment").folder, llama.finetuned[1])
     with pytest.raises(SourceError, match="no-such-branch") as caught:
