@@ -15,6 +15,7 @@ merge outputs), so users of a public Space cannot read server files through path
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,12 +231,38 @@ def _hub_folder(ref: str, policy: SourcePolicy, download, patterns: list[str] | 
             check_size(repo_id, revision, policy.max_model_bytes)
     try:
         return Path(download(repo_id, revision, patterns))
-    except Exception as exc:  # huggingface_hub raises many error types; all mean "cannot fetch"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(
-            f"cannot download {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
-            "check the id and revision, your network, and for gated or private repos your HF_TOKEN"
-        ) from None
+    except Exception as exc:  # huggingface_hub raises many error types: each case gets its own advice
+        raise SourceError(hub_failure(ref, exc)) from None
+
+
+def hub_failure(ref: str, exc: Exception, doing: str = "download") -> str:
+    """What went wrong reaching a Hub model, and what to do about it, for each case
+    ``huggingface_hub`` tells apart (checked by class name, so nothing is imported to say it)."""
+    repo, revision = split_revision(ref.split("+")[0])
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "GatedRepoError" in kinds:
+        page = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}"
+        return (f"{repo} is a gated model: accept its conditions on its page ({page}) "
+                "while signed in, then sign in here (or set HF_TOKEN to a token of that account) and try again")
+    if "RepositoryNotFoundError" in kinds:
+        return (f"{repo} was not found on the Hub, or it is private: check the id; for a private model, "
+                "sign in (or set HF_TOKEN) with a token that can read it")
+    if "RevisionNotFoundError" in kinds:
+        return f"{repo} has no revision {revision!r}: check the branch, tag or commit after '@'"
+    if "DisabledRepoError" in kinds:
+        return f"{repo} has been disabled on the Hub; choose another model"
+    if kinds & {"OfflineModeIsEnabled", "LocalEntryNotFoundError"}:
+        return (f"cannot {doing} {ref!r}: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE), and it "
+                "is not in the local cache")
+    if kinds & {"ConnectError", "ConnectionError", "TimeoutException", "ReadTimeout", "ConnectTimeout"}:
+        return f"cannot reach the Hugging Face Hub to {doing} {ref!r} ({reason}); check your network and try again"
+    if kinds & {"RemoteProtocolError", "ReadError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"}:
+        return (f"the download of {ref!r} was cut ({reason}); run it again: the files already fetched are kept "
+                "and the rest resumes")
+    hint = ("for a gated or private model, sign in (or set HF_TOKEN) with a token that can read it"
+            if any(code in reason for code in ("401", "403")) else "check the id, the revision and your network")
+    return f"cannot {doing} {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); {hint}"
 
 
 def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *, weights: bool = True) -> dict:
@@ -265,9 +292,8 @@ def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
 
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:  # huggingface_hub raises many types; all mean "cannot ask the Hub"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(f"cannot look up {repo_id!r} on the Hugging Face Hub ({reason}); check the id") from None
+    except Exception as exc:  # huggingface_hub raises many types: each case gets its own advice
+        raise SourceError(hub_failure(repo_id + (f"@{revision}" if revision else ""), exc, "look up")) from None
     return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
 
 
@@ -297,7 +323,6 @@ def hub_tensors(ref: str) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
         metadata = get_safetensors_metadata(repo_id, revision=revision)
     except Exception as exc:  # huggingface_hub raises many types (not found, gated, no safetensors)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SourceError(f"cannot read the safetensors metadata of {ref!r} on the Hub ({reason})") from None
+        raise SourceError(hub_failure(ref, exc, "read the safetensors headers of")) from None
     return {name: (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
             for file in metadata.files_metadata.values() for name, tensor in file.tensors.items()}

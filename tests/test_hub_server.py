@@ -261,3 +261,22 @@ def test_push_to_hub_uploads_a_folder_that_resolves_back(hub, llama, in_empty_di
     assert hub.repos["tester/my-merge"].private
     monkeypatch.setenv("HF_TOKEN", hub.token)
     assert _files(resolve_model("tester/my-merge").folder) == _files(llama.finetuned[0])
+
+
+def test_each_hub_refusal_says_what_to_do_for_its_own_case(hub, llama, in_empty_dir):
+    """Private or missing, gated, unknown revision: each message names the repository and the fix."""
+    hub.publish("org/secret", llama.finetuned[0], private=True)
+    hub.publish("org/gated", llama.finetuned[0], gated="manual", grant=False)
+    commit = hub.publish("org/open", llama.finetuned[0])
+    cases = {
+        "org/secret": ["org/secret was not found on the Hub, or it is private", "check the id", "HF_TOKEN"],
+        "org/gated": ["org/gated is a gated model", f"{hub.url}/org/gated", "accept its conditions", "HF_TOKEN"],
+        "org/open@nope": ["org/open has no revision 'nope'", "branch, tag or commit"],
+    }
+    for ref, parts in cases.items():
+        with pytest.raises(SourceError) as caught:
+            resolve_model(ref)
+        message = str(caught.value)
+        assert all(part in message for part in parts), message
+        assert "\n" not in message and "Traceback" not in message
+    assert resolve_model(f"org/open@{commit}").config["model_type"] == "llama"
