@@ -280,3 +280,19 @@ def test_each_hub_refusal_says_what_to_do_for_its_own_case(hub, llama, in_empty_
         assert all(part in message for part in parts), message
         assert "\n" not in message and "Traceback" not in message
     assert resolve_model(f"org/open@{commit}").config["model_type"] == "llama"
+
+
+def test_a_model_over_the_hosted_size_limit_is_refused_before_its_weights(hub, llama, in_empty_dir):
+    """A hosted studio asks the Hub's file listing for the weights' size: nothing but a few KB
+    of metadata is sent before the one-line refusal."""
+    from merging.sources import SourcePolicy
+
+    hub.publish("org/big", llama.base)
+    size = (llama.base / "model.safetensors").stat().st_size
+    hub.reset_counters()
+    with pytest.raises(SourceError) as caught:
+        resolve_model("org/big", SourcePolicy(max_model_bytes=size // 2))
+    message = str(caught.value)
+    assert message.startswith("org/big has ") and "this studio accepts models up to" in message and "\n" not in message
+    assert hub.sent(suffix=".safetensors") == 0 and hub.sent() < 1_000_000
+    assert resolve_model("org/big", SourcePolicy(max_model_bytes=2 * size)).config["model_type"] == "llama"
