@@ -27,6 +27,7 @@ import demo  # noqa: E402,F401  (registers the demo suite and calibration source
 os.environ.setdefault("MERGE_STUDIO_CALIBRATION_CACHE", tempfile.mkdtemp(prefix="merge-studio-calibration-"))
 os.environ.setdefault("MERGE_STUDIO_TUNING_CACHE", tempfile.mkdtemp(prefix="merge-studio-tuning-"))  # sources' scores
 
+from helpers import family  # noqa: E402
 from tests.support.families import build_family  # noqa: E402
 from tests.support.hub_fixture import hub  # noqa: E402,F401  (the local Hub server fixture)
 
@@ -93,3 +94,16 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    """A small Llama family (base + 2 fine-tunes), built once for every test that takes it."""
+    return family("llama", 2)
+
+
+@pytest.fixture()
+def in_empty_dir(tmp_path, monkeypatch):
+    """Run in an empty folder, so that 'org/name' cannot accidentally exist as a local path."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -31,11 +31,6 @@ from helpers import (
 MID_TENSOR = "model.layers.1.mlp.down_proj.weight"  # neither the first nor the last tensor read
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return family("llama", 2)
-
-
 @pytest.fixture()
 def out(tmp_path) -> Path:
     return tmp_path / "outputs" / "merged"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -12,11 +11,6 @@ from helpers import family, linear_recipe, load_model_tensors, run_cli, write_re
 from merging.checkpoint import INDEX_NAME
 from merging.methods import REGISTRY
 from merging.methods.spec import REQUIRED
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return family("llama", 2)
 
 
 def test_methods_lists_every_method_with_parameters_and_ranges():

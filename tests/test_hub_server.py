@@ -19,18 +19,6 @@ from merging.errors import CheckpointError, SourceError
 from merging.sources import resolve_model
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return family("llama", 2)
-
-
-@pytest.fixture()
-def in_empty_dir(tmp_path, monkeypatch):
-    """Run in an empty folder, so that 'org/name' cannot accidentally exist as a local path."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def _files(folder) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -45,18 +45,6 @@ class FakeHub:
         return str(self.folder)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    return family("llama", 2)
-
-
-@pytest.fixture()
-def in_empty_dir(tmp_path, monkeypatch):
-    """Run in an empty folder, so that 'org/name' cannot accidentally exist as a local path."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 # -- Hub ids ---------------------------------------------------------------------------------
 
 def test_hub_id_with_revision_goes_through_download(llama, in_empty_dir):
