@@ -284,3 +284,36 @@ def test_a_model_over_the_hosted_size_limit_is_refused_before_its_weights(hub, l
     assert message.startswith("org/big has ") and "this studio accepts models up to" in message and "\n" not in message
     assert hub.sent(suffix=".safetensors") == 0 and hub.sent() < 1_000_000
     assert resolve_model("org/big", SourcePolicy(max_model_bytes=2 * size)).config["model_type"] == "llama"
+
+
+def test_deploy_creates_a_gradio_space_with_the_app_and_requests_its_hardware(hub, tmp_path):
+    """``python -m studio deploy``: the Space holds the app, every package it imports and the
+    Space card (Gradio SDK, OAuth) as README.md, and not the tests; a second deploy updates it."""
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi
+
+    from helpers import REPO, _cli_env
+
+    command = [sys.executable, "-m", "studio", "deploy", "tester/merge-studio", "--hardware", "cpu-upgrade", "--private"]
+    env = {**_cli_env(), "HF_TOKEN": hub.token}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("tester/merge-studio") and hub.token not in done.stdout + done.stderr
+    api = HfApi(token=hub.token)
+    files = set(api.list_repo_files("tester/merge-studio", repo_type="space"))
+    assert {"app.py", "requirements.txt", "README.md", "merging/engine.py", "studio/ui.py", "tuning/search.py",
+            "demo/adapters/geography.safetensors"} <= files
+    assert not any(f.startswith(("tests/", "bench/")) or "__pycache__" in f for f in files)
+    card = (REPO / "spaces_config" / "README.md").read_text()
+    fetched = Path(api.hf_hub_download("tester/merge-studio", "README.md", repo_type="space"))
+    assert fetched.read_text() == card and "sdk: gradio" in card and "hf_oauth: true" in card
+    assert hub.spaces["spaces/tester/merge-studio"] == {"sdk": "gradio", "hardware": "cpu-upgrade"}
+
+    again = subprocess.run(command[:5], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # the Space exists: updated, not refused
+    denied = subprocess.run(command[:5], cwd=REPO, env={**env, "HF_TOKEN": "hf_wrong"}, capture_output=True,
+                            text=True, timeout=300)
+    assert denied.returncode == 1 and denied.stderr.strip().startswith("error: deploying the Space tester/merge-studio")
+    assert "hf_wrong" not in denied.stderr and len(denied.stderr.strip().splitlines()) == 1

@@ -43,6 +43,8 @@ import secrets
 import shutil
 import tempfile
 import threading
+
+import yaml
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -124,6 +126,7 @@ class HubServer:
         self.token = "hf_test_" + secrets.token_hex(12)
         self.user = "tester"
         self.repos: dict[str, Repo] = {}
+        self.spaces: dict[str, dict] = {}  # "spaces/org/name" -> {"sdk", "hardware"}: what deploy asked for
         self.blobs: dict[str, Blob] = {}
         self.bytes_sent: defaultdict[tuple[str, str | None], int] = defaultdict(int)
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
@@ -325,6 +328,24 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._whoami(method)
         if s[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo()
+        if s[:2] == ["api", "validate-yaml"] and method == "POST":
+            return self._validate_yaml()
+        if len(s) >= 4 and s[:2] == ["api", "spaces"]:  # a Space: the same store, under "spaces/"
+            repo_id, rest = f"spaces/{s[2]}/{s[3]}", s[4:]
+            if method == "GET" and not rest:
+                return self._model_info(repo_id, "main", method)
+            if method == "GET" and len(rest) >= 2 and rest[0] == "tree":
+                return self._tree(repo_id, rest[1], "/".join(rest[2:]), method)
+            if method == "POST" and rest == ["hardware"]:
+                return self._request_hardware(repo_id)
+            if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
+                return self._preupload(repo_id, rest[1])
+            if method == "POST" and len(rest) == 2 and rest[0] == "commit":
+                return self._create_commit(repo_id, rest[1])
+        if len(s) == 7 and s[0] == "spaces" and s[2].endswith(".git") and s[3:] == ["info", "lfs", "objects", "batch"]:
+            return self._lfs_batch(f"spaces/{s[1]}/{s[2][:-4]}")
+        if len(s) >= 6 and s[0] == "spaces" and s[3] == "resolve" and method in ("GET", "HEAD"):
+            return self._resolve(f"spaces/{s[1]}/{s[2]}", s[4], "/".join(s[5:]), method)
         if len(s) >= 4 and s[:2] == ["api", "models"]:
             repo_id, rest = f"{s[2]}/{s[3]}", s[4:]
             if method == "GET" and not rest:
@@ -531,18 +552,47 @@ class _HubHandler(BaseHTTPRequestHandler):
         if self._token() is None:
             raise HubError(401, None, "You must be authenticated to create a repo")
         data = self._read_json()
-        if data.get("type") not in (None, "model"):
-            raise HubError(400, None, "Only model repos are served here")
+        if data.get("type") not in (None, "model", "space"):
+            raise HubError(400, None, "Only model repos and Spaces are served here")
+        if data.get("type") == "space" and data.get("sdk") not in ("gradio", "docker", "static"):
+            raise HubError(400, None, "A Space needs an sdk: gradio, docker or static")
         org = data.get("organization") or self.hub.user
-        repo_id = f"{org}/{data['name']}"
+        repo_id = ("spaces/" if data.get("type") == "space" else "") + f"{org}/{data['name']}"
         with self.hub._lock:
             if repo_id in self.hub.repos:
                 raise HubError(409, None, "You already created this model repo",
                                body={"url": f"{self.hub.url}/{repo_id}"})  # as the Hub: exist_ok reads it
             private = data.get("visibility", "private" if data.get("private") else "public") != "public"
             repo = self.hub._repo(repo_id, private=private, gated=False, grant=True)
+            if data.get("type") == "space":
+                self.hub.spaces[repo_id] = {"sdk": data["sdk"], "hardware": data.get("hardware")}
             self.hub._commit(repo, "main", {}, "initial commit", None)
         return self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id}, "POST")
+
+    def _validate_yaml(self) -> int:
+        """A README's front matter, checked as the Hub checks it before a commit: valid YAML, a
+        mapping; a Space's needs an sdk."""
+        data = self._read_json()
+        content, kind = data.get("content", ""), data.get("repoType", "model")
+        match = re.match(r"^---\n(.*?)\n---", content, re.S)
+        try:
+            meta = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as exc:
+            return self._json(400, {"errors": [{"message": f"invalid YAML: {exc}"}]}, "POST")
+        if not isinstance(meta, dict):
+            return self._json(400, {"errors": [{"message": "metadata must be a mapping"}]}, "POST")
+        if kind == "space" and meta.get("sdk") not in ("gradio", "docker", "static"):
+            return self._json(400, {"errors": [{"message": "a Space's README.md needs sdk: gradio, docker or static"}]},
+                              "POST")
+        return self._json(200, {"errors": [], "warnings": []}, "POST")
+
+    def _request_hardware(self, repo_id: str) -> int:
+        self._repo(repo_id, write=True)
+        flavor = self._read_json().get("flavor")
+        with self.hub._lock:
+            self.hub.spaces[repo_id]["hardware"] = flavor
+        return self._json(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": flavor},
+                                "storage": None, "gcTimeout": None, "replicas": None}, "POST")
 
     def _preupload(self, repo_id: str, revision: str) -> int:
         repo = self._repo(repo_id, write=True)
