@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.utils import validate_repo_id
 
 from merging.errors import SourceError
 from merging.recipe import Recipe
-from merging.sources import SourcePolicy, model_files, snapshot_download
+from merging.sources import HUB_ID, SourcePolicy, model_files, snapshot_download, split_revision
 
 RECIPE_NAME = "merge_recipe.yaml"
 MERGEKIT_RECIPE = "mergekit_config.yml"  # what mergekit writes beside its merges
@@ -73,14 +72,10 @@ def write_model_card(folder: Path, recipe: Recipe, source_folders: dict[str, Pat
 def _hub_id(ref: str) -> str | None:
     """The Hub repository a reference names (``org/name`` of ``org/name@rev`` or of a LoRA
     reference ``base+adapter``'s base), or None for a local path."""
-    repo = ref.split("+")[0].split("@")[0]
-    if Path(repo).expanduser().exists() or repo.startswith((".", "/", "~")):
+    repo, _ = split_revision(ref.split("+")[0])
+    if Path(repo).expanduser().exists() or not HUB_ID.match(repo):
         return None
-    try:
-        validate_repo_id(repo)
-    except ValueError:
-        return None
-    return repo if "/" in repo else None
+    return repo
 
 
 def _license(card: Path) -> str | None:

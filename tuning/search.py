@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from evaluation.perplexity import perplexity
-from evaluation.suites import Suite, registered_suites
+from evaluation.suites import registered_suites
 from merging.errors import Cancelled, MergeCancelled, MergeStudioError
 from merging.sources import SourcePolicy
 from tuning.spec import SearchSpec
@@ -182,7 +182,7 @@ class Search:
                                    f"{self.validation_name} {sorted(self.validation)}: give them the same tasks")
         self.study = open_study(spec, storage, study_name, worker=worker)
         self.storage, self.study_name = storage, study_name
-        first = spec.recipe_for({d.name: (d.choices[0] if d.choices else d.kind(d.low)) for d in spec.dimensions})
+        first = spec.first_recipe(spec.methods[0])
         self.sources = [entry.model for entry in first.models if entry.model != first.base_model]
         self.report(f"loading {first.base_model or first.models[0].model} to merge into")
         self.runner = TrialRunner(first.base_model or first.models[0].model, device=device, policy=policy, cancel=cancel)
@@ -199,20 +199,16 @@ class Search:
         recipe = self.spec.suggest(trial)
         pareto = self.spec.settings.objective == "pareto"
 
-        def after_task(task: str, accuracy: float, done: int) -> None:
+        partial: dict[str, float] = {}  # the tasks scored so far
+
+        def on_task(task: str, accuracy: float, done: int) -> None:
+            partial[task] = accuracy
             if pareto:
-                return
-            partial = {t: s for t, s in list(self.scores.items())[:done]}
+                return  # Optuna prunes single-objective studies only
             trial.report(normalized_mean(partial, self.best), done)
             if done < len(self.validation) and trial.should_prune():  # a fully scored trial is kept
                 trial.set_user_attr("tasks", dict(partial))
                 raise _optuna().TrialPruned(f"after {task}")
-
-        self.scores: dict[str, float] = {}
-
-        def on_task(task, accuracy, done):
-            self.scores[task] = accuracy
-            after_task(task, accuracy, done)
 
         try:
             scores = self.runner.run(recipe, self.validation, on_task)

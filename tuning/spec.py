@@ -151,6 +151,11 @@ class SearchSpec:
                 entry.pop("calibration", None)
         return parse_recipe(data)
 
+    def first_recipe(self, method: str) -> Recipe:
+        """``method``'s recipe with every range at its low end and every set at its first value."""
+        values = {d.name: (d.choices[0] if d.choices is not None else d.kind(d.low)) for d in self.dimensions_for(method)}
+        return self.recipe_for({**values, "merge_method": method})
+
     def fingerprint(self) -> str:
         """A short hash of the searched space and settings that matter to a study's trials (not the
         trial count): the default study name, so an edited spec starts a fresh study."""
@@ -206,9 +211,8 @@ def load_search_spec(source: str | Path | dict) -> SearchSpec:
         dimensions += _dimensions(entry.get("parameters"), specs, index, f"models[{index}].parameters", f"{names[index]}.")
     data["merge_method"] = methods[0]
     spec = SearchSpec(data, methods, dimensions, settings, names)
-    for method in methods:  # every method's recipe must parse, with each range at its low end
-        values = {d.name: (d.choices[0] if d.choices is not None else d.kind(d.low)) for d in spec.dimensions_for(method)}
-        spec.recipe_for({**values, "merge_method": method})
+    for method in methods:  # every method's recipe must parse
+        spec.first_recipe(method)
     return spec
 
 
