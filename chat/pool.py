@@ -57,6 +57,7 @@ from merging.checkpoint import INDEX_NAME, CheckpointReader, pickle_files, safet
 from merging.errors import MergeStudioError
 from merging.prompts import has_chat_template
 from merging.runtime import load_model, pick_device
+from merging.hub import Token
 from merging.sources import SourcePolicy, resolve_model, snapshot_download
 from merging.units import format_bytes, parse_size
 
@@ -255,7 +256,7 @@ class ModelPool:
         *,
         dtype: torch.dtype | None = None,
         wait_s: float = 0.0,
-        download: Callable[[str, str | None, list[str]], str] = snapshot_download,
+        download: Callable[[str, str | None, list[str], Token], str] = snapshot_download,
         decoding: str | None = None,
     ):
         self.device = pick_device(device)

@@ -9,12 +9,14 @@ it) and exit 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from merging import hub
 from merging.engine import merge
 from merging.errors import MergeStudioError
 from merging.methods import REGISTRY, REQUIRED, load_plugins
@@ -47,9 +49,11 @@ def add_debug(parser: argparse.ArgumentParser, commands) -> None:
 
 def run_command(handler, args, interrupted: str) -> int:
     """``handler(args)``, with bad input as one ``error: ...`` line and exit status 1 (``--debug``:
-    the traceback), and Ctrl-C as ``error: interrupted; <interrupted>`` and 130."""
+    the traceback), and Ctrl-C as ``error: interrupted; <interrupted>`` and 130. Hub downloads
+    show their progress on stderr (``--quiet``: not)."""
     try:
-        return handler(args)
+        with showing_downloads(getattr(args, "quiet", False)):
+            return handler(args)
     except MergeStudioError as exc:
         if args.debug:
             raise
@@ -100,6 +104,37 @@ def cmd_recipe(args) -> int:
 
 def _methods_arguments(methods: argparse.ArgumentParser) -> None:
     methods.add_argument("--markdown", action="store_true", help="print the README's methods table")
+
+
+@contextlib.contextmanager
+def showing_downloads(quiet: bool = False, every_s: float = 2.0):
+    """Hub downloads in the block print their progress on stderr: a byte bar with the rate on a
+    terminal, else (a log, a pipe) one line every ``every_s`` seconds and one when each repo is done."""
+    # Deferred: tqdm is only needed once something downloads (and tqdm pulls in more than it looks).
+    from tqdm import tqdm
+
+    if quiet:
+        yield
+        return
+    bars: dict[str, tqdm] = {}
+    terminal = sys.stderr.isatty()
+
+    def show(state: hub.DownloadProgress) -> None:
+        if not terminal:
+            print(state.describe(), file=sys.stderr, flush=True)
+            return
+        bar = bars.get(state.repo)
+        if bar is None:
+            bar = bars[state.repo] = tqdm(total=state.total, unit="B", unit_scale=True, desc=f"downloading {state.repo}")
+        bar.total = state.total
+        bar.update(state.done - bar.n)
+
+    try:
+        with hub.watching(show, every_s=every_s if not terminal else 0.2):
+            yield
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def cmd_merge(args) -> int:

@@ -24,8 +24,8 @@ from merging.checkpoint import CheckpointReader, safetensors_files
 from merging.errors import MergeStudioError, SourceError
 from merging.plan import config_mismatch, layout_mismatch
 from merging.runtime import meta_model
-from merging.sources import (HUB_ID, SourcePolicy, hub_tensors, hub_weights_bytes, resolve_model, snapshot_download,
-                             split_revision)
+from merging import hub
+from merging.sources import HUB_ID, SourcePolicy, resolve_model, snapshot_download, split_revision
 
 Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
 
@@ -53,7 +53,7 @@ def describe(ref: str, policy: SourcePolicy = SourcePolicy(), download=snapshot_
         if safetensors_files(resolved.folder):
             info.tensors, info.disk_bytes = _local_tensors(resolved.folder, ref, policy)
         elif _is_hub_id(ref):
-            info.tensors, info.disk_bytes = _hub_tensors(ref)
+            info.tensors, info.disk_bytes = _hub_tensors(ref, policy)
         else:
             resolve_model(ref, policy, download)  # raises the engine's message (pickles only, no weights)
         floating = [(shape, dtype) for shape, dtype in info.tensors.values() if dtype.startswith(("float", "bfloat"))]
@@ -107,11 +107,11 @@ def _local_tensors(folder: Path, ref: str, policy: SourcePolicy) -> tuple[Tensor
     return tensors, sum(p.stat().st_size for p in safetensors_files(folder))
 
 
-def _hub_tensors(ref: str) -> tuple[Tensors, int | None]:
-    tensors = hub_tensors(ref)
+def _hub_tensors(ref: str, policy: SourcePolicy) -> tuple[Tensors, int | None]:
+    tensors = hub.tensors(ref, policy.hub_token)
     repo_id, revision = split_revision(ref)
     try:
-        size = hub_weights_bytes(repo_id, revision)
+        size = hub.weights_bytes(repo_id, revision, policy.hub_token)
     except MergeStudioError:
         size = None
     return tensors, size

@@ -12,11 +12,12 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
+from merging import hub
 from merging.adapters import open_reader
 from merging.checkpoint import CheckpointReader, TensorInfo, safetensors_files
 from merging.errors import CheckpointError, RecipeError
 from merging.recipe import ModelEntry, OutputSlice, Recipe, entries_for, resolve, slice_base
-from merging.sources import HUB_ID, ResolvedModel, SourcePolicy, hub_tensors, resolve_model, split_revision
+from merging.sources import HUB_ID, ResolvedModel, SourcePolicy, resolve_model, split_revision
 from merging.vocabulary import is_vocabulary_tensor
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -99,7 +100,7 @@ def open_inputs(recipe: Recipe, policy: SourcePolicy, resolver=resolve_model) ->
     models = _resolve_all(recipe, lambda ref: resolver(ref, policy, weights=False))
     check_configs(models, vocabularies_may_differ=recipe.tokenizer is not None)
     if recipe.slices is None:  # slices may take layers from models of other depths
-        check_layouts_before_download(models, vocabularies_may_differ=recipe.tokenizer is not None)
+        check_layouts_before_download(models, policy, vocabularies_may_differ=recipe.tokenizer is not None)
     adapted = next((m.ref for m in models.models.values() if getattr(m, "adapter", None)), None)
     if adapted and recipe.method.calibration:
         raise CheckpointError(f"{recipe.merge_method} calibrates whole models, which does not apply LoRA adapters yet "
@@ -143,7 +144,8 @@ def check_configs(models: ModelSet, *, vocabularies_may_differ: bool = False) ->
             raise CheckpointError(problem)
 
 
-def check_layouts_before_download(models: ModelSet, *, vocabularies_may_differ: bool = False) -> None:
+def check_layouts_before_download(models: ModelSet, policy: SourcePolicy, *,
+                                  vocabularies_may_differ: bool = False) -> None:
     """For Hub models not yet downloaded, tensor names and shapes from their safetensors headers
     (range reads of a few KB per file) against the reference's, before any weight is fetched:
     two models with the same config whose checkpoints differ in one tensor are refused here,
@@ -156,7 +158,7 @@ def check_layouts_before_download(models: ModelSet, *, vocabularies_may_differ: 
         return
     reference = models.reference
     if reference in remote:
-        layout = {name: shape for name, (shape, _) in hub_tensors(reference.ref).items()}
+        layout = {name: shape for name, (shape, _) in hub.tensors(reference.ref, policy.hub_token).items()}
     elif getattr(reference, "adapter", None) is None and safetensors_files(reference.folder):
         reader = CheckpointReader(reference.folder, label=reference.ref)
         try:
@@ -168,7 +170,7 @@ def check_layouts_before_download(models: ModelSet, *, vocabularies_may_differ: 
     for model in remote:
         if model is reference:
             continue
-        theirs = {name: shape for name, (shape, _) in hub_tensors(model.ref).items()}
+        theirs = {name: shape for name, (shape, _) in hub.tensors(model.ref, policy.hub_token).items()}
         problem = layout_mismatch(reference.ref, layout, model.ref, theirs, vocabularies_may_differ)
         if problem:
             raise CheckpointError(problem)

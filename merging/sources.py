@@ -4,7 +4,8 @@ A reference is a local folder or a Hub repo id (``org/name``, optionally ``@revi
 mergekit's LoRA reference ``BASE+ADAPTER``: a base model with a PEFT LoRA adapter (folder or Hub
 repo) applied; a PEFT adapter named alone brings its base from its ``adapter_config.json``. Hub
 repos are downloaded with ``huggingface_hub.snapshot_download`` restricted to safetensors,
-JSON and tokenizer files, so pickles and code never reach the disk. ``trust_remote_code`` is
+JSON and tokenizer files, so pickles and code never reach the disk (``merging.hub``: whose token,
+progress, Stop). ``trust_remote_code`` is
 never used anywhere: only the config's declared architecture is read. An adapter's Hub repo
 gives only ``adapter_config.json`` and ``adapter_model.safetensors`` (``adapter_model.bin`` only
 with ``allow_pickle``); the adapter is applied while reading (``merging.adapters``). In hosted mode local
@@ -15,16 +16,15 @@ merge outputs), so users of a public Space cannot read server files through path
 from __future__ import annotations
 
 import json
-import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from merging.adapters import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, adapter_weights, read_config as read_adapter_config
 from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
 from merging.errors import SourceError
-from merging.units import format_bytes
+from merging.hub import Token, check_size, fetch, snapshot_download, split_revision
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "merges.txt", "vocab.txt", "*.jinja"]
@@ -40,6 +40,9 @@ class SourcePolicy:
     hosted: bool = False
     allowed_roots: tuple[Path, ...] = ()
     max_model_bytes: int | None = None  # Hub models whose weights are larger are refused before any download
+    # Whose access Hub calls use (``merging.hub``): None, this machine's token; a visitor's OAuth token;
+    # False, anonymous (a hosted visitor not signed in). Never shown, so never in the repr.
+    hub_token: Token = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -71,25 +74,10 @@ class ResolvedModel:
         return self.folder
 
 
-def split_revision(ref: str) -> tuple[str, str | None]:
-    if "@" in ref:
-        name, revision = ref.rsplit("@", 1)
-        return name, revision or None
-    return ref, None
-
-
-def snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
-    """Download the allowed files of a Hub repo (the real Hub call; tests swap the resolver's downloader)."""
-    # Deferred: huggingface_hub takes a second to import, and local models never need it.
-    from huggingface_hub import snapshot_download as hub_download
-
-    return hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
-
-
 def resolve_model(
     ref: str,
     policy: SourcePolicy = SourcePolicy(),
-    download: Callable[[str, str | None, list[str]], str] = snapshot_download,
+    download: Callable[[str, str | None, list[str], Token], str] = snapshot_download,
     *,
     weights: bool = True,
 ) -> ResolvedModel:
@@ -158,7 +146,7 @@ def _adapter_folder(adapter_ref: str, ref: str, policy: SourcePolicy, download, 
     else:
         repo_id, revision = split_revision(adapter_ref)
         if weights and policy.max_model_bytes is not None:
-            check_size(repo_id, revision, policy.max_model_bytes)
+            check_size(repo_id, revision, policy.max_model_bytes, policy.hub_token)
         folder = _hub_folder(adapter_ref, policy, download, adapter_patterns(policy, weights))
     if not (folder / ADAPTER_CONFIG).is_file():
         raise SourceError(f"{ref!r}: {adapter_ref!r} is not a PEFT adapter (it has no {ADAPTER_CONFIG})")
@@ -169,7 +157,7 @@ def _adapter_folder(adapter_ref: str, ref: str, policy: SourcePolicy, download, 
 
 
 def model_files(ref: str, patterns: list[str], policy: SourcePolicy = SourcePolicy(),
-                download: Callable[[str, str | None, list[str]], str] = snapshot_download) -> Path:
+                download: Callable[[str, str | None, list[str], Token], str] = snapshot_download) -> Path:
     """The folder of ``ref`` holding (at least) its files matching ``patterns``: a local folder as
     it is, or for a Hub id only those files, fetched (a model card, a recipe: a few KB)."""
     local = Path(ref).expanduser()
@@ -224,45 +212,11 @@ def _local_folder(ref: str, path: Path, policy: SourcePolicy) -> Path:
 
 
 def _hub_folder(ref: str, policy: SourcePolicy, download, patterns: list[str] | None = None) -> Path:
-    repo_id, revision = split_revision(ref)
     if patterns is None:  # the weights too
         patterns = HUB_PATTERNS + (PICKLE_PATTERNS if policy.allow_pickle else [])
         if policy.max_model_bytes is not None:
-            check_size(repo_id, revision, policy.max_model_bytes)
-    try:
-        return Path(download(repo_id, revision, patterns))
-    except Exception as exc:  # huggingface_hub raises many error types: each case gets its own advice
-        raise SourceError(hub_failure(ref, exc)) from None
-
-
-def hub_failure(ref: str, exc: Exception, doing: str = "download") -> str:
-    """What went wrong reaching a Hub model, and what to do about it, for each case
-    ``huggingface_hub`` tells apart (checked by class name, so nothing is imported to say it)."""
-    repo, revision = split_revision(ref.split("+")[0])
-    kinds = {cls.__name__ for cls in type(exc).__mro__}
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if "GatedRepoError" in kinds:
-        page = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}"
-        return (f"{repo} is a gated model: accept its conditions on its page ({page}) "
-                "while signed in, then sign in here (or set HF_TOKEN to a token of that account) and try again")
-    if "RepositoryNotFoundError" in kinds:
-        return (f"{repo} was not found on the Hub, or it is private: check the id; for a private model, "
-                "sign in (or set HF_TOKEN) with a token that can read it")
-    if "RevisionNotFoundError" in kinds:
-        return f"{repo} has no revision {revision!r}: check the branch, tag or commit after '@'"
-    if "DisabledRepoError" in kinds:
-        return f"{repo} has been disabled on the Hub; choose another model"
-    if kinds & {"OfflineModeIsEnabled", "LocalEntryNotFoundError"}:
-        return (f"cannot {doing} {ref!r}: the Hub is unreachable or offline mode is on (HF_HUB_OFFLINE), and it "
-                "is not in the local cache")
-    if kinds & {"ConnectError", "ConnectionError", "TimeoutException", "ReadTimeout", "ConnectTimeout"}:
-        return f"cannot reach the Hugging Face Hub to {doing} {ref!r} ({reason}); check your network and try again"
-    if kinds & {"RemoteProtocolError", "ReadError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"}:
-        return (f"the download of {ref!r} was cut ({reason}); run it again: the files already fetched are kept "
-                "and the rest resumes")
-    hint = ("for a gated or private model, sign in (or set HF_TOKEN) with a token that can read it"
-            if any(code in reason for code in ("401", "403")) else "check the id, the revision and your network")
-    return f"cannot {doing} {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); {hint}"
+            check_size(*split_revision(ref), policy.max_model_bytes, policy.hub_token)
+    return Path(fetch(ref, patterns, download, policy.hub_token))
 
 
 def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *, weights: bool = True) -> dict:
@@ -283,46 +237,3 @@ def read_config(folder: Path, ref: str, policy: SourcePolicy = SourcePolicy(), *
         else:
             raise SourceError(f"{ref!r} has a config.json but no weights (*.safetensors)")
     return config
-
-
-def hub_weights_bytes(repo_id: str, revision: str | None = None) -> int:
-    """Bytes of the safetensors files of a Hub repo, from its file listing (nothing downloaded)."""
-    # Deferred: huggingface_hub takes a second to import, and local models never need it.
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:  # huggingface_hub raises many types: each case gets its own advice
-        raise SourceError(hub_failure(repo_id + (f"@{revision}" if revision else ""), exc, "look up")) from None
-    return sum(s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors"))
-
-
-def check_size(repo_id: str, revision: str | None, max_bytes: int) -> None:
-    """Refuse a Hub repo whose safetensors weights exceed ``max_bytes``, asking the Hub's file
-    listing first, so a hosted studio never starts a 100 GB download."""
-    size = hub_weights_bytes(repo_id, revision)
-    if size > max_bytes:
-        raise SourceError(
-            f"{repo_id} has {format_bytes(size)} of weights; this studio accepts models up to "
-            f"{format_bytes(max_bytes)}. Choose a smaller model, or run Merge Studio yourself"
-        )
-
-
-_HUB_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def hub_tensors(ref: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) of a Hub model's safetensors, from their headers only
-    (``huggingface_hub.get_safetensors_metadata``: HTTP range reads of a few KB per file), so a
-    checkpoint that cannot be merged is refused before any weight is downloaded."""
-    # Deferred: huggingface_hub takes a second to import, and local models never need it.
-    from huggingface_hub import get_safetensors_metadata
-
-    repo_id, revision = split_revision(ref)
-    try:
-        metadata = get_safetensors_metadata(repo_id, revision=revision)
-    except Exception as exc:  # huggingface_hub raises many types (not found, gated, no safetensors)
-        raise SourceError(hub_failure(ref, exc, "read the safetensors headers of")) from None
-    return {name: (tuple(tensor.shape), _HUB_DTYPES.get(tensor.dtype, tensor.dtype.lower()))
-            for file in metadata.files_metadata.values() for name, tensor in file.tensors.items()}

@@ -156,7 +156,7 @@ def test_a_hub_model_is_downloaded_once_per_pool(models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so "some-org/chat-model" is not a relative folder
     asked = []
 
-    def hub(repo_id, revision, patterns):  # stands in for huggingface_hub.snapshot_download
+    def hub(repo_id, revision, patterns, token=None):  # stands in for huggingface_hub.snapshot_download
         asked.append((repo_id, revision))
         return refs[0]
 

@@ -240,7 +240,7 @@ class FakeHub:
     def __init__(self, folders: dict[str, Path]):
         self.folders, self.calls = folders, []
 
-    def __call__(self, repo_id, revision, allow_patterns):
+    def __call__(self, repo_id, revision, allow_patterns, token=None):
         self.calls.append((repo_id, revision, list(allow_patterns)))
         return str(self.folders[repo_id])
 

@@ -38,7 +38,7 @@ class FakeHub:
     def __init__(self, folder: Path | None = None, error: Exception | None = None):
         self.folder, self.error, self.calls = folder, error, []
 
-    def __call__(self, repo_id, revision, allow_patterns):
+    def __call__(self, repo_id, revision, allow_patterns, token=None):
         self.calls.append((repo_id, revision, list(allow_patterns)))
         if self.error is not None:
             raise self.error
@@ -194,7 +194,7 @@ def test_incompatible_hub_models_fail_before_any_weights_are_downloaded(llama, i
     folders = {"org/base": llama.base, "org/other": qwen.finetuned[0]}
     calls = []
 
-    def download(repo_id, revision, allow_patterns):
+    def download(repo_id, revision, allow_patterns, token=None):
         calls.append((repo_id, list(allow_patterns)))
         return str(folders[repo_id])
 

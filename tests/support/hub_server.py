@@ -125,11 +125,17 @@ class HubServer:
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         self.token = "hf_test_" + secrets.token_hex(12)
         self.user = "tester"
+        self.users: dict[str, str] = {self.token: self.user}  # token -> user name (``add_user`` adds more)
+        # user -> the organizations it writes to; reading another's private or gated repo takes ``readers``
+        self.orgs: dict[str, set[str]] = {self.user: {"org"}}
         self.repos: dict[str, Repo] = {}
         self.spaces: dict[str, dict] = {}  # "spaces/org/name" -> {"sdk", "hardware"}: what deploy asked for
         self.blobs: dict[str, Blob] = {}
         self.bytes_sent: defaultdict[tuple[str, str | None], int] = defaultdict(int)
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.tokens_seen: list[str | None] = []  # the bearer token of every request, in order (None: anonymous)
+        self.rate: float | None = None  # file bytes per second per response, to watch and stop a download
+        self.cuts: dict[str, list[int]] = {}  # path -> offsets: each response of the file is cut at the next one
         self._secret = secrets.token_bytes(16)
         self._lock = threading.RLock()
         self._api = ThreadingHTTPServer((host, 0), _handler(self, cdn=False))
@@ -166,7 +172,7 @@ class HubServer:
 
     def publish(self, repo_id: str, folder: Path | dict[str, bytes], *, revision: str = "main",
                 private: bool = False, gated: str | bool = False, grant: bool = True,
-                message: str | None = None) -> str:
+                readers: tuple[str, ...] = (), message: str | None = None) -> str:
         """Commit ``folder``'s files (or a ``{path: bytes}`` dict) as the whole tree of ``repo_id``
         on branch ``revision`` (created if new); return the commit sha. Publishing again adds a
         commit on top, so older shas stay reachable (pinned revisions), and sets the repo's
@@ -174,8 +180,17 @@ class HubServer:
         files = self._files_from(folder)
         with self._lock:
             repo = self._repo(repo_id, private=private, gated=gated, grant=grant)
+            repo.access |= set(readers)
             parent = repo.refs.get(revision)
             return self._commit(repo, revision, files, message or f"Publish {repo_id}", parent)
+
+    def add_user(self, name: str, token: str | None = None) -> str:
+        """Another account (a Space's visitor, say); returns its token. A user reads and writes the
+        repos of its own namespace, and private or gated repos published with its token in ``readers``."""
+        token = token or "hf_" + name + "_" + secrets.token_hex(12)
+        with self._lock:
+            self.users[token] = name
+        return token
 
     def add_tag(self, repo_id: str, tag: str, revision: str = "main") -> None:
         with self._lock:
@@ -234,6 +249,12 @@ class HubServer:
         if auth.lower().startswith("bearer "):
             return auth[7:].strip()
         return None
+
+    def writes_to(self, token: str | None, repo_id: str) -> bool:
+        """Whether ``token``'s user owns ``repo_id``'s namespace (its own name or one of its orgs)."""
+        user = self.users.get(token or "")
+        namespace = repo_id.removeprefix("spaces/").split("/")[0]
+        return user is not None and (namespace == user or namespace in self.orgs.get(user, set()))
 
     def sign(self, sha256: str) -> str:
         return hmac.new(self._secret, sha256.encode(), "sha256").hexdigest()[:32]
@@ -303,6 +324,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def send_response(self, code, message=None):
         with self.hub._lock:  # logged before the client can see the answer (tests read it right after)
             self.hub.requests.append((self.command, self.path, code))
+            self.hub.tokens_seen.append(self.hub._token_of(self.headers))
         super().send_response(code, message)
 
     def _read_chunked(self) -> bytes:
@@ -404,7 +426,7 @@ class _HubHandler(BaseHTTPRequestHandler):
 
     def _token(self) -> str | None:
         token = self.hub._token_of(self.headers)
-        if token is not None and token != self.hub.token:
+        if token is not None and token not in self.hub.users:
             raise HubError(401, None, "Invalid credentials in Authorization header")
         return token
 
@@ -415,12 +437,15 @@ class _HubHandler(BaseHTTPRequestHandler):
         token = self._token()
         with self.hub._lock:
             repo = self.hub.repos.get(repo_id)
-        if repo is None or (repo.private and token is None):
+        owner = token is not None and repo_id.removeprefix("spaces/").split("/")[0] == self.hub.users[token]
+        if repo is None or (repo.private and not owner and token not in repo.access):
             status = 404 if token else 401
             raise HubError(status, "RepoNotFound", "Repository not found")
         if write and token is None:
             raise HubError(401, None, "You must be authenticated to write")
-        if files and repo.gated and token not in repo.access:
+        if write and not self.hub.writes_to(token, repo_id):
+            raise HubError(403, None, f"You don't have the rights to write to {repo_id}")
+        if files and repo.gated and not owner and token not in repo.access:
             if token is None:
                 raise HubError(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access "
                                                  "to it and be authenticated to access it. Please log in.")
@@ -439,7 +464,9 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _whoami(self, method: str) -> int:
         if self._token() is None:
             raise HubError(401, None, "Invalid credentials in Authorization header")
-        return self._json(200, {"type": "user", "name": self.hub.user, "fullname": "Test User", "orgs": [],
+        name = self.hub.users[self._token()]
+        return self._json(200, {"type": "user", "name": name, "fullname": name.title(), "orgs": [],
+                                "avatarUrl": f"{self.hub.url}/avatars/{name}.png",
                                 "auth": {"type": "access_token", "accessToken": {"role": "write"}}}, method)
 
     def _model_info(self, repo_id: str, revision: str, method: str) -> int:
@@ -543,8 +570,26 @@ class _HubHandler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if method != "HEAD":
-            self._write(body, count)
+            self._send_file_body(body, start, count)
         return status
+
+    def _send_file_body(self, body: bytes, start: int, count: tuple[str, str]) -> None:
+        """``body`` (the file from byte ``start``) at ``hub.rate``, cut short where ``hub.cuts`` says:
+        the connection closes after fewer bytes than its ``Content-Length``, as a dropped download does."""
+        with self.hub._lock:
+            offsets = self.hub.cuts.get(count[1]) or []
+            cut_at = offsets.pop(0) if offsets and start <= offsets[0] < start + len(body) else None
+        if cut_at is not None:
+            body = body[: cut_at - start]
+        step = 256 * 1024 if self.hub.rate else len(body) or 1
+        for offset in range(0, len(body), step):
+            self._write(body[offset: offset + step], count)
+            if self.hub.rate:
+                time.sleep(step / self.hub.rate)
+        if cut_at is not None:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)  # the client sees the body end early
 
     # -- writes (item 4) -------------------------------------------------------------------------
 
@@ -556,14 +601,17 @@ class _HubHandler(BaseHTTPRequestHandler):
             raise HubError(400, None, "Only model repos and Spaces are served here")
         if data.get("type") == "space" and data.get("sdk") not in ("gradio", "docker", "static"):
             raise HubError(400, None, "A Space needs an sdk: gradio, docker or static")
-        org = data.get("organization") or self.hub.user
+        token = self._token()
+        org = data.get("organization") or self.hub.users[token]
+        if not self.hub.writes_to(token, f"{org}/x"):
+            raise HubError(403, None, f"You don't have the rights to create a repo under {org}")
         repo_id = ("spaces/" if data.get("type") == "space" else "") + f"{org}/{data['name']}"
         with self.hub._lock:
             if repo_id in self.hub.repos:
                 raise HubError(409, None, "You already created this model repo",
                                body={"url": f"{self.hub.url}/{repo_id}"})  # as the Hub: exist_ok reads it
             private = data.get("visibility", "private" if data.get("private") else "public") != "public"
-            repo = self.hub._repo(repo_id, private=private, gated=False, grant=True)
+            repo = self.hub._repo(repo_id, private=private, gated=False, grant=self.hub.writes_to(self.hub.token, repo_id))
             if data.get("type") == "space":
                 self.hub.spaces[repo_id] = {"sdk": data["sdk"], "hardware": data.get("hardware")}
             self.hub._commit(repo, "main", {}, "initial commit", None)
