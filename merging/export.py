@@ -15,8 +15,10 @@ import shutil
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from merging.errors import MergeStudioError, redact
+from merging.hub import DownloadProgress, upload_folder
 
 REPO = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 STORED = (".safetensors", ".bin")  # already dense: compressing them only costs time
@@ -51,9 +53,11 @@ def zip_folder(folder: Path, zips_dir: Path) -> Path:
     return target
 
 
-def push_to_hub(folder: Path, repo: str, private: bool, token: str | None) -> str:
+def push_to_hub(folder: Path, repo: str, private: bool, token: str | None,
+                progress: Callable[[DownloadProgress], None] | None = None) -> str:
     """Create (or reuse) the model repo and upload the folder (weights, config, tokenizer, README model
-    card, merge_recipe.yaml) with ``token``; returns the repo's URL."""
+    card, merge_recipe.yaml, mergekit_config.yml) with ``token`` in one commit, reporting the upload
+    to ``progress``; returns the repo's URL on the Hub it was pushed to."""
     # Deferred: huggingface_hub takes a second to import, and only a push needs its client.
     from huggingface_hub import HfApi
 
@@ -67,11 +71,10 @@ def push_to_hub(folder: Path, repo: str, private: bool, token: str | None) -> st
     api = HfApi(token=token)
     try:
         repo_id = repo if "/" in repo else f"{api.whoami()['name']}/{repo}"
-        api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                          commit_message="Upload merged model (Merge Studio)")
+        url = api.create_repo(repo_id, private=bool(private), exist_ok=True, repo_type="model")
+        upload_folder(folder, repo_id, token, "Upload merged model (Merge Studio)", progress)
     except Exception as exc:  # huggingface_hub raises many types; all end as a readable line
         reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise MergeStudioError(f"pushing to the Hub failed: {reason}. Check the repository name and that your "
                                "token may write to it") from None
-    return f"https://huggingface.co/{repo_id}"
+    return str(url)

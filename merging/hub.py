@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 from merging.errors import Cancelled, SourceError, check_cancel
@@ -45,13 +47,15 @@ class DownloadCancelled(Cancelled):
 
 @dataclass(frozen=True)
 class DownloadProgress:
-    """Where one repo's download stands: bytes written this run of ``total`` still to fetch."""
+    """Where one repo's transfer stands: bytes moved this run of ``total`` (a download: the bytes
+    still to fetch when it started; an upload: ``upload=True``, the folder's bytes)."""
 
     repo: str
     done: int
     total: int
     seconds: float
     finished: bool = False
+    upload: bool = False
 
     @property
     def rate(self) -> float:
@@ -64,9 +68,10 @@ class DownloadProgress:
 
     def describe(self) -> str:
         """'downloading org/name: 1.2 GB of 4.5 GB at 85.0 MB/s'."""
+        verb = "upload" if self.upload else "download"
         if self.finished:
-            return f"downloaded {self.repo}: {format_bytes(self.done)} in {self.seconds:.0f} s"
-        return (f"downloading {self.repo}: {format_bytes(self.done)} of {format_bytes(self.total)} "
+            return f"{verb}ed {self.repo}: {format_bytes(self.done)} in {self.seconds:.0f} s"
+        return (f"{verb}ing {self.repo}: {format_bytes(self.done)} of {format_bytes(self.total)} "
                 f"at {format_bytes(self.rate)}/s")
 
 
@@ -101,9 +106,12 @@ def snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[s
     if watch is None:
         return hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, token=token)
     check_cancel(watch.cancel, STOPPED, DownloadCancelled)
-    planned = hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, token=token,
-                           dry_run=True)  # HEAD requests only: what is cached, what remains and its size
-    total = sum(file.file_size or 0 for file in planned if file.will_download)
+    try:  # HEAD requests only: what is cached, what remains and its size
+        planned = hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, token=token,
+                               dry_run=True)
+        total = sum(file.file_size or 0 for file in planned if file.will_download)
+    except Exception:  # offline, private, gated...: the download itself serves the cache or says what is wrong
+        total = 0
     tracker = _Tracker(repo_id + (f"@{revision}" if revision else ""), total, watch)
     folder = hub_download(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, token=token,
                           tqdm_class=tracker.bar_class())
@@ -118,8 +126,8 @@ class _Tracker:
 
     BAR = "huggingface_hub.snapshot_download"  # the bytes-written bar; the others count files or transfers
 
-    def __init__(self, repo: str, total: int, watch: Watch):
-        self.repo, self.total, self.watch = repo, total, watch
+    def __init__(self, repo: str, total: int, watch: Watch, upload: bool = False):
+        self.repo, self.total, self.watch, self.upload = repo, total, watch, upload
         self.done, self.started, self.shown = 0, time.monotonic(), 0.0
         self.lock = threading.Lock()
 
@@ -131,14 +139,16 @@ class _Tracker:
             due = now - self.shown >= self.watch.every_s
             if due:
                 self.shown = now
-            state = DownloadProgress(self.repo, self.done, max(self.total, self.done), now - self.started)
+            state = DownloadProgress(self.repo, min(self.done, self.total) if self.upload else self.done,
+                                     max(self.total, self.done), now - self.started, upload=self.upload)
         if due and self.watch.progress is not None:
             self.watch.progress(state)
 
     def finish(self) -> None:
         if self.watch.progress is not None:
-            self.watch.progress(DownloadProgress(self.repo, self.done, max(self.total, self.done),
-                                                 time.monotonic() - self.started, finished=True))
+            done = self.total if self.upload else self.done  # an upload's retries read some bytes twice
+            self.watch.progress(DownloadProgress(self.repo, done, max(self.total, done),
+                                                 time.monotonic() - self.started, finished=True, upload=self.upload))
 
     def bar_class(self):
         # Deferred: huggingface_hub takes a second to import, and local models never need it.
@@ -160,6 +170,46 @@ class _Tracker:
                 return super().update(n)
 
         return Bar
+
+
+def upload_folder(folder: Path, repo_id: str, token: Token, message: str,
+                  progress: Callable[[DownloadProgress], None] | None = None) -> str:
+    """Commit every file of ``folder`` to the model repo ``repo_id`` with ``token`` (one commit;
+    weights go through LFS), reporting bytes read for the upload to ``progress``; returns the
+    commit's URL. ``HfApi.upload_folder`` has no progress hook, so the files are given as
+    ``CommitOperationAdd`` file objects that count what the client reads from them."""
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    watch = Watch(progress)
+    tracker = _Tracker(repo_id, sum(path.stat().st_size for path in files), watch, upload=True)
+    readers = [_CountingReader(path) for path in files]
+    try:
+        operations = [CommitOperationAdd(path.relative_to(folder).as_posix(), reader)  # hashes the file first
+                      for path, reader in zip(files, readers)]
+        for reader in readers:
+            reader.on_read = tracker.add  # from here on, reads are the upload
+        commit = HfApi(token=token).create_commit(repo_id, operations, commit_message=message, repo_type="model")
+    finally:
+        for reader in readers:
+            reader.close()
+    tracker.finish()
+    return commit.commit_url
+
+
+class _CountingReader(io.BufferedReader):
+    """A file opened for reading that reports the bytes read from it (once ``on_read`` is set)."""
+
+    def __init__(self, path: Path):
+        super().__init__(io.FileIO(path, "rb"))
+        self.on_read: Callable[[int], None] | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if self.on_read is not None and data:
+            self.on_read(len(data))
+        return data
 
 
 def hub_failure(ref: str, exc: Exception, doing: str = "download") -> str:

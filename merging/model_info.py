@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from merging.checkpoint import CheckpointReader, safetensors_files
-from merging.errors import MergeStudioError, SourceError
+from merging.errors import MergeStudioError
 from merging.plan import config_mismatch, layout_mismatch
 from merging.runtime import meta_model
 from merging import hub

@@ -125,6 +125,12 @@ def session_hash(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
 
 
+def hub_token(oauth_token: gr.OAuthToken | None) -> str | None:
+    """The visitor's own Hub token, from "Sign in with Hugging Face" (``gr.LoginButton``), or None.
+    Handlers that reach the Hub take ``oauth_token: gr.OAuthToken | None`` for Gradio to inject."""
+    return oauth_token.token if oauth_token is not None else None
+
+
 def served_dir(name: str, *, fresh: bool = True) -> Path:
     """A folder inside Gradio's own file cache (a new one per call when ``fresh``): files written
     here are served as they are, without Gradio hashing and copying them (merges can be gigabytes)."""

@@ -11,7 +11,7 @@ from evaluation import evaluate, load_suite
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import resolve_model
 from studio import session
-from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, session_hash, stop_button, stoppable,
+from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, hub_token, session_hash, stop_button, stoppable,
                            suite_choices)
 from studio.session import StopSignal
 from studio.settings import Settings
@@ -78,7 +78,7 @@ def shown(settings: Settings, reports: list[tuple[str, dict]], base: str | None,
 
 def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None,
              text: str, done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
-             progress=gr.Progress()):
+             oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     if not refs:
         raise MergeStudioError("tick at least one model to evaluate")
     choice = chosen_suite(suite_name)
@@ -90,7 +90,7 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
         raise MergeStudioError("nothing to measure: choose a task suite or give a text for perplexity")
     if tasks is not None:
         load_suite(tasks)  # a bad suite fails before any model loads
-    policy = session.policy(settings, session_hash(request))
+    policy = session.policy(settings, session_hash(request), hub_token(oauth_token))
     reports = []
     for i, ref in enumerate(refs):
         label = session.label_of(settings, ref, done)

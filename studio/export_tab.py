@@ -20,7 +20,7 @@ from merging.lora_export import extract_lora
 from merging.model_card import RECIPE_NAME
 from merging.stages import final_stage
 from studio import session
-from studio.common import HEAVY, INSTANT, UI, handler, served_dir, session_hash
+from studio.common import HEAVY, INSTANT, UI, handler, served_dir, hub_token, session_hash
 from studio.recipe_form import stages_from_text
 from studio.settings import Settings
 
@@ -53,7 +53,7 @@ def layout(settings: Settings) -> ExportTab:
         archive = gr.File(label="Download", interactive=False)
     gr.Markdown("### Push to the Hub")
     if settings.oauth:
-        gr.LoginButton()
+        gr.Markdown("Pushes with your own Hugging Face account: sign in with the button at the top of the page.")
     elif settings.hosted:
         gr.Markdown("Pushing needs a Hugging Face login, which this hosted studio does not offer.")
     else:
@@ -93,15 +93,21 @@ def make_zip(output: str, done: list) -> str:
     return str(zip_folder(result_folder(output, done), served_dir("zips", fresh=False)))
 
 
-def push_with_login(output: str, name: str, is_private: bool, done: list, oauth_token: gr.OAuthToken | None):
-    """On a Space: the visitor's own OAuth token, never the server's."""
-    url = push_to_hub(result_folder(output, done), name, is_private, oauth_token.token if oauth_token else None)
-    return f"✓ Pushed to [{url}]({url})"
+def push_with_login(output: str, name: str, is_private: bool, done: list, oauth_token: gr.OAuthToken | None,
+                    progress=gr.Progress()):
+    """With "Sign in with Hugging Face": the visitor's own OAuth token, never the server's."""
+    return _pushed(result_folder(output, done), name, is_private, hub_token(oauth_token), progress)
 
 
-def push_with_local_token(settings: Settings, output: str, name: str, is_private: bool, done: list):
-    """Not on a Space: this machine's token, unless hosted (then none: a visitor must not use the server's)."""
-    url = push_to_hub(result_folder(output, done), name, is_private, None if settings.hosted else get_token())
+def push_with_local_token(settings: Settings, output: str, name: str, is_private: bool, done: list,
+                          progress=gr.Progress()):
+    """Without sign-in: this machine's token, unless hosted (then none: a visitor must not use the server's)."""
+    return _pushed(result_folder(output, done), name, is_private, None if settings.hosted else get_token(), progress)
+
+
+def _pushed(folder: Path, name: str, is_private: bool, token: str | None, progress) -> str:
+    url = push_to_hub(folder, name, is_private, token,
+                      progress=lambda state: progress(state.fraction, desc=state.describe()))
     return f"✓ Pushed to [{url}]({url})"
 
 
@@ -117,7 +123,8 @@ def base_of(folder: Path) -> str:
     return base
 
 
-def make_lora(settings: Settings, output: str, rank: float, done: list, request: gr.Request | None = None):
+def make_lora(settings: Settings, output: str, rank: float, done: list, request: gr.Request | None = None,
+              oauth_token: gr.OAuthToken | None = None):
     """The chosen merge as a LoRA adapter on its base, written into the session's folder: (zip, report)."""
     folder = result_folder(output, done)
     if isinstance(rank, float) and rank.is_integer():
@@ -125,7 +132,7 @@ def make_lora(settings: Settings, output: str, rank: float, done: list, request:
     visitor = session_hash(request)
     out = session.folder(settings, visitor, create=True) / "adapters" / f"{folder.name}-lora-r{rank}"
     result = extract_lora(str(folder), base_of(folder), out, rank, device=settings.device, overwrite=True,
-                          policy=session.policy(settings, visitor))
+                          policy=session.policy(settings, visitor, hub_token(oauth_token)))
     return str(zip_folder(result.output, served_dir("zips", fresh=False))), f"✓ {result.describe()}"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from merging.calibration import calibration_sources
+from merging.hub import DownloadCancelled, DownloadProgress, watching
 from merging.errors import MergeCancelled, MergeStudioError
 from merging.model_card import recipe_of
 from merging.methods import REGISTRY, Param
@@ -26,7 +27,7 @@ from studio.common import (
     as_text,
     handler,
     read_upload,
-    session_hash,
+    hub_token, session_hash,
     stop_button,
     stoppable,
     user_errors,
@@ -242,11 +243,13 @@ def load_file(path: str, current: dict, version: dict):
     return _adopt(read_upload(path, "recipe", MAX_RECIPE_BYTES), current, version)
 
 
-def load_recipe_of(settings: Settings, model: str, current: dict, version: dict, request: gr.Request):
+def load_recipe_of(settings: Settings, model: str, current: dict, version: dict, request: gr.Request,
+                   oauth_token: gr.OAuthToken | None = None):
     """The recipe a merged model was made with (its mergekit_config.yml or model card), into the editor."""
     if not model or not model.strip():
         raise MergeStudioError("give a merged model: a Hub id such as org/name, or one of this session's merges")
-    return _adopt(recipe_of(model.strip(), session.policy(settings, session_hash(request))), current, version)
+    policy = session.policy(settings, session_hash(request), hub_token(oauth_token))
+    return _adopt(recipe_of(model.strip(), policy), current, version)
 
 
 def load_text(text: str | None, current: dict, version: dict):
@@ -266,7 +269,7 @@ def _adopt(text: str, current: dict, version: dict):
 
 
 def run_merge(settings: Settings, text: str, done: list, signal: StopSignal, request: gr.Request,
-              progress=gr.Progress()):
+              oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     progress(0, desc="checking the models")
 
     def on_tensor(count: int, total: int, name: str):
@@ -275,11 +278,18 @@ def run_merge(settings: Settings, text: str, done: list, signal: StopSignal, req
     def on_calibration(ref: str, count: int, total: int):
         progress((count, total), desc=f"calibrating {session.label_of(settings, ref, done)}", unit="examples")
 
+    def on_download(state: DownloadProgress):
+        progress(state.fraction, desc=state.describe())
+
     try:
-        result = session.merge_recipe(settings, text, session_hash(request), progress=on_tensor,
-                                      calibration_progress=on_calibration, cancel=signal.event)
+        with watching(on_download, signal.event):
+            result = session.merge_recipe(settings, text, session_hash(request), progress=on_tensor,
+                                          calibration_progress=on_calibration, cancel=signal.event,
+                                          token=hub_token(oauth_token))
     except MergeCancelled:
         return "Merge stopped; nothing was written.", done
+    except DownloadCancelled as stopped:
+        return f"Merge stopped during the download: {stopped}.", done
     return summary_markdown(result), [*done, result]
 
 

@@ -9,7 +9,7 @@ import gradio as gr
 from merging.model_info import compatibility, describe
 from merging.units import format_bytes, format_count
 from studio import session
-from studio.common import UI, as_text, handler, session_hash
+from studio.common import UI, as_text, handler, hub_token, session_hash
 from studio.settings import Settings
 
 COLUMNS = ["role", "model", "architecture", "parameters", "dtype", "size on disk",
@@ -52,11 +52,12 @@ def layout(settings: Settings) -> ModelsTab:
 
 # -- handlers -------------------------------------------------------------------------------------
 
-def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str | None) -> tuple[list[list], str]:
+def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str | None,
+                 token: str | None = None) -> tuple[list[list], str]:
     """The table rows and a one-line verdict for ``base`` and ``sources``."""
     if not base:
         raise gr.Error("choose a base model first")
-    policy = session.policy(settings, hash_)
+    policy = session.policy(settings, hash_, token)
     base_info = describe(base, policy)
     rows, problems = [], []
     for role, ref in [("base", base)] + [("source", s) for s in sources or []]:
@@ -82,8 +83,9 @@ def inspect_rows(settings: Settings, base: str, sources: list[str], hash_: str |
     return rows, verdict
 
 
-def inspect(settings: Settings, base: str, sources: list[str], request: gr.Request):
-    return inspect_rows(settings, base, sources, session_hash(request))
+def inspect(settings: Settings, base: str, sources: list[str], request: gr.Request,
+            oauth_token: gr.OAuthToken | None = None):
+    return inspect_rows(settings, base, sources, session_hash(request), hub_token(oauth_token))
 
 
 # -- wiring ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import gradio as gr
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import SourcePolicy, resolve_model
 from studio import session
-from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, served_dir, session_hash,
+from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, served_dir, hub_token, session_hash,
                            stop_button, stoppable, suite_choices)
 from studio.session import StopSignal
 from studio.settings import Settings
@@ -96,12 +96,14 @@ def layout(settings: Settings) -> RedundancyTab:
 # -- handlers -------------------------------------------------------------------------------------
 
 def run_stats(settings: Settings, base: str, sources: list[str], trim: float, merged: str | None, done: list,
-              signal: StopSignal, request: gr.Request, progress=gr.Progress()):
+              signal: StopSignal, request: gr.Request, oauth_token: gr.OAuthToken | None = None,
+              progress=gr.Progress()):
     progress(0, desc="opening the models")
     merged = None if merged in (None, "", NO_MERGE) else merged
     try:
         stats = session.measure(
             settings, base, sources, trim, session_hash(request), cancel=signal.event, merged=merged,
+            token=hub_token(oauth_token),
             merged_label=session.label_of(settings, merged, done).removeprefix("merged: ") if merged else None,
             progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
         )
@@ -112,7 +114,8 @@ def run_stats(settings: Settings, base: str, sources: list[str], trim: float, me
 
 
 def run_sweep(settings: Settings, base: str, source: str, suite_name: str, upload: str | None, text: str | None,
-              stats: RedundancyStats | None, signal: StopSignal, request: gr.Request, progress=gr.Progress()):
+              stats: RedundancyStats | None, signal: StopSignal, request: gr.Request,
+              oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     if not base or not source:
         raise MergeStudioError("choose a base in the Models tab and a source model to sweep")
     tasks = chosen_suite(suite_name)
@@ -123,7 +126,7 @@ def run_sweep(settings: Settings, base: str, source: str, suite_name: str, uploa
         read_upload(text, "perplexity text")
     # Resolve (and, for Hub ids, download with the size limit) under this session's policy first;
     # the sweep then reads the vetted folders.
-    policy = session.policy(settings, session_hash(request))
+    policy = session.policy(settings, session_hash(request), hub_token(oauth_token))
     base_folder, source_folder = (str(resolve_model(ref, policy).whole_folder()) for ref in (base, source))
     try:
         result = dare_sweep(

@@ -66,10 +66,15 @@ def local_roots(settings: Settings, session_hash: str | None = None) -> tuple[Pa
     return tuple(roots)
 
 
-def policy(settings: Settings, session_hash: str | None = None) -> SourcePolicy:
-    """What a session's references may resolve to: hosted, its allowed folders and the Hub size limit."""
+def policy(settings: Settings, session_hash: str | None = None, token: str | None = None) -> SourcePolicy:
+    """What a session's references may resolve to: hosted, its allowed folders and the Hub size limit.
+
+    Hub access: locally, this machine's token (``HF_TOKEN``, ``hf auth login``); hosted, the
+    visitor's own ``token`` from "Sign in with Hugging Face", else none at all, so a visitor never
+    reads a private or gated model through the server's token."""
     return SourcePolicy(hosted=settings.hosted, allowed_roots=local_roots(settings, session_hash) if settings.hosted else (),
-                        max_model_bytes=settings.max_model_bytes)
+                        max_model_bytes=settings.max_model_bytes,
+                        hub_token=(token or False) if settings.hosted else token)
 
 
 # -- the models a session is offered -----------------------------------------------------------------
@@ -156,7 +161,7 @@ def _changed_since(path: Path, cutoff: float) -> bool:
 # -- work done for a session ----------------------------------------------------------------------
 
 def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None, *, progress=None,
-                 calibration_progress=None, cancel=None) -> dict:
+                 calibration_progress=None, cancel=None, token: str | None = None) -> dict:
     """Merge a YAML recipe into a new folder of the session; returns the engine's summary plus ``name``.
 
     The folder is ``<session>/merges/<method>-<time>``: never a path the user chose. Sources
@@ -166,7 +171,7 @@ def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None,
     stages = form.stages_from_text(recipe_text)
     home = folder(settings, session_hash)
     prune(settings, keep=home)
-    options = dict(device=settings.device, policy=policy(settings, session_hash), progress=progress, cancel=cancel,
+    options = dict(device=settings.device, policy=policy(settings, session_hash, token), progress=progress, cancel=cancel,
                    calibration_progress=calibration_progress)
     with reserve_output(home / "merges", final_stage(stages).merge_method) as out:
         if len(stages) == 1:
@@ -177,7 +182,8 @@ def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None,
 
 
 def measure(settings: Settings, base: str, sources: list[str], density: float, session_hash: str | None, *,
-            cancel=None, progress=None, merged: str | None = None, merged_label: str | None = None) -> RedundancyStats:
+            cancel=None, progress=None, merged: str | None = None, merged_label: str | None = None,
+            token: str | None = None) -> RedundancyStats:
     """The redundancy statistics of ``sources`` on ``base`` as the session may compute them: under
     its policy, labelled as the pickers name them, on one CPU thread (the pass is many small ops;
     see ``viz.stats.delta_statistics``). ``merged``: a merge (of this session, say) whose update
@@ -191,7 +197,8 @@ def measure(settings: Settings, base: str, sources: list[str], density: float, s
     if merged is not None and not isinstance(merged, str):
         raise MergeStudioError("give the merged model as a model reference")
     labels = model_labels([label_of(settings, ref) for ref in sources])
-    return delta_statistics(base, sources, density=density, device=settings.device, policy=policy(settings, session_hash),
+    return delta_statistics(base, sources, density=density, device=settings.device,
+                            policy=policy(settings, session_hash, token),
                             labels=labels, threads=1, cancel=cancel, progress=progress, merged=merged or None,
                             merged_label=merged_label)
 
@@ -227,7 +234,8 @@ def save_suite(settings: Settings, session_hash: str | None, text: str, name: st
     return path
 
 
-def check_search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str | None) -> None:
+def check_search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str | None,
+                 token: str | None = None) -> None:
     """Refuse what a session may not search: more trials than the studio allows, and (hosted) a
     suite or text file outside the session's folder and the offered models (suites by name pass)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
@@ -236,7 +244,7 @@ def check_search(settings: Settings, spec: SearchSpec, trials: int, session_hash
     if cap is not None and trials > cap:
         raise MergeStudioError(f"this studio runs at most {cap} trials per search (MERGE_STUDIO_MAX_TUNE_TRIALS); "
                                f"ask for {cap} or fewer, and start again to add more")
-    allowed = policy(settings, session_hash)
+    allowed = policy(settings, session_hash, token)
     named = registered_suites()
     for key in ("suite", "test_suite", "text"):
         value = getattr(spec.settings, key)
@@ -267,7 +275,7 @@ def study_of(settings: Settings, spec: SearchSpec, session_hash: str | None) -> 
 
 
 def search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str | None, *,
-           cancel: threading.Event) -> Iterator[SearchUpdate]:
+           cancel: threading.Event, token: str | None = None) -> Iterator[SearchUpdate]:
     """Run ``trials`` more trials of ``spec`` for a session, yielding ``SearchUpdate``s as they come.
 
     The search runs on a thread of its own (``tuning.search.Search``: sources scored, then one
@@ -277,7 +285,7 @@ def search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str 
     left). The last update holds the result: the best recipe, scored on the test split unless
     stopped; a search stopped before any trial finished ends with a message instead.
     """
-    check_search(settings, spec, trials, session_hash)
+    check_search(settings, spec, trials, session_hash, token)
     home = folder(settings, session_hash, create=True)
     prune(settings, keep=home)
     storage, study = study_of(settings, spec, session_hash)
@@ -286,7 +294,7 @@ def search(settings: Settings, spec: SearchSpec, trials: int, session_hash: str 
 
     def work() -> None:
         try:
-            runner = Search(spec, storage, study, device=settings.device, policy=policy(settings, session_hash),
+            runner = Search(spec, storage, study, device=settings.device, policy=policy(settings, session_hash, token),
                             cancel=cancel, report=lambda line: updates.put(SearchUpdate(message=line)))
             updates.put(SearchUpdate(study=runner.study))
             try:

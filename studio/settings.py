@@ -10,6 +10,10 @@ Environment variables (all optional):
   when ``SPACE_ID`` is set (a Hugging Face Space). Hosted: local paths are refused except the
   offered models and the user's own session folder; Hub models are size-limited; the queue
   is bounded; pushing to the Hub uses the visitor's OAuth login.
+- ``MERGE_STUDIO_OAUTH``: ``1`` shows "Sign in with Hugging Face" off a Space too, with Gradio's
+  local stand-in for OAuth (it signs in as this machine's Hub account, ``HF_TOKEN``; the token it
+  hands the app is a placeholder the real Hub refuses); by default it is shown on a Space only.
+  A signed-in visitor's own token reads the private and gated models they may read and pushes.
 - ``MERGE_STUDIO_WORK_DIR``: where session folders (merge outputs, uploads) go; default
   ``<cache>/studio`` (``$MERGE_STUDIO_CACHE``, else ``~/.cache/merge-studio``).
 - ``MERGE_STUDIO_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda`` for merges, statistics,
@@ -61,14 +65,17 @@ class Settings:
     session_hours: float = 24.0
     max_tune_trials: int | None = None  # trials per parameter search; None: unlimited
     max_tune_minutes: float | None = None  # wall time per parameter search; None: unlimited
-    oauth: bool = False  # a LoginButton for pushing: on a Space only (elsewhere Gradio mocks it with this machine's login)
+    oauth: bool = False  # "Sign in with Hugging Face": the visitor's token for private models and pushes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         hosted_flag = env.get("MERGE_STUDIO_HOSTED", "").strip().lower()
         on_space = bool(env.get("SPACE_ID"))
-        oauth = on_space and env.get("SYSTEM") == "spaces"  # where Gradio's OAuth is real (its get_space())
+        oauth_flag = env.get("MERGE_STUDIO_OAUTH", "").strip().lower()
+        # by default only where Gradio's OAuth is real (its get_space()); MERGE_STUDIO_OAUTH=1 elsewhere
+        # takes Gradio's local stand-in, which signs in as this machine's Hub account
+        oauth = oauth_flag in ("1", "true", "yes") if oauth_flag else on_space and env.get("SYSTEM") == "spaces"
         hosted = hosted_flag in ("1", "true", "yes") if hosted_flag else on_space
         models, base = parse_models(env.get("MERGE_STUDIO_MODELS", "zoo"))
         max_size = env.get("MERGE_STUDIO_MAX_MODEL_SIZE") or (DEFAULT_HOSTED_MAX_MODEL if hosted else "")

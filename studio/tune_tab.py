@@ -27,7 +27,7 @@ from studio.common import (
     as_text,
     handler,
     read_upload,
-    session_hash,
+    hub_token, session_hash,
     stop_button,
     stoppable,
 )
@@ -200,7 +200,8 @@ def chosen(settings: Settings, label: str, upload: str | None, what: str, reques
 
 def run_search(settings: Settings, base: str, sources: list[str], methods: list[str], edits: dict, suite: str,
                suite_file: str | None, test_suite: str, test_file: str | None, objective: str, sampler: str,
-               trials: float | None, seed: float | None, signal: StopSignal, request: gr.Request):
+               trials: float | None, seed: float | None, signal: StopSignal, request: gr.Request,
+               oauth_token: gr.OAuthToken | None = None):
     """Build the spec from the form, then stream the search: the log, the figures, the trials
     table and the best recipe after every trial; the summary at the end."""
     if trials is None or trials < 1:
@@ -211,7 +212,8 @@ def run_search(settings: Settings, base: str, sources: list[str], methods: list[
             "trials": int(trials), "seed": int(seed or 0)}
     data = form.spec_dict(base, sources, methods, edits, tune)
     spec = session.search_spec(data)
-    session.check_search(settings, spec, int(trials), session_hash(request))  # before anything is shown
+    token = hub_token(oauth_token)
+    session.check_search(settings, spec, int(trials), session_hash(request), token)  # before anything is shown
     spec_text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     log = ["searching " + "; ".join(spec.describe())]
     state = {"figures": dict.fromkeys(viz_search.FIGURES), "rows": None, "best": gr.skip()}
@@ -225,7 +227,7 @@ def run_search(settings: Settings, base: str, sources: list[str], methods: list[
     yield ("Starting: loading the models and scoring the sources on the validation suite…", "\n".join(log),
            None, None, None, pareto, pd.DataFrame(), "", "", spec_text)
     result: TuneResult | None = None
-    for update in session.search(settings, spec, int(trials), session_hash(request), cancel=signal.event):
+    for update in session.search(settings, spec, int(trials), session_hash(request), cancel=signal.event, token=token):
         if update.message:
             log.append(update.message)
         if update.trial is not None:

@@ -115,10 +115,7 @@ def test_private_repo_needs_the_token(hub, llama, in_empty_dir, tmp_path, monkey
                                                                 "  - {model: org/secret, parameters: {weight: 1}}\n"),
                      tmp_path / "out", cwd=tmp_path)
     message = error_line(result)
-    # The project's message is a generic download failure naming the client's error today, and a
-    # specific one after issue #16 item 3; both name the repo and HF_TOKEN.
-    assert "org/secret" in message and "HF_TOKEN" in message
-    assert "RepositoryNotFoundError" in message or "not found" in message
+    assert message.startswith("org/secret was not found on the Hub, or it is private") and "HF_TOKEN" in message
     assert hub.sent(suffix=".safetensors") == 0
 
     monkeypatch.setenv("HF_TOKEN", hub.token)
@@ -244,9 +241,14 @@ def test_upload_folder_commits_what_snapshot_download_then_fetches(hub, llama, t
 def test_push_to_hub_uploads_a_folder_that_resolves_back(hub, llama, in_empty_dir, monkeypatch):
     from merging.export import push_to_hub
 
-    url = push_to_hub(llama.finetuned[0], "my-merge", private=True, token=hub.token)
-    assert url.endswith("/tester/my-merge")  # a short name goes to the token's user (whoami)
+    seen = []
+    url = push_to_hub(llama.finetuned[0], "my-merge", private=True, token=hub.token, progress=seen.append)
+    assert url == f"{hub.url}/tester/my-merge"  # a short name goes to the token's user (whoami), on this Hub
     assert hub.repos["tester/my-merge"].private
+    size = sum(p.stat().st_size for p in llama.finetuned[0].rglob("*") if p.is_file())
+    assert seen[-1].finished and seen[-1].upload and seen[-1].done == seen[-1].total == size
+    assert seen[-1].describe().startswith("uploaded tester/my-merge:")
+    assert len(hub.repos["tester/my-merge"].commits) == 2  # the empty first commit, then one with every file
     monkeypatch.setenv("HF_TOKEN", hub.token)
     assert _files(resolve_model("tester/my-merge").folder) == _files(llama.finetuned[0])
 
