@@ -23,13 +23,14 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
     pool = pool or ModelPool(None, settings.device, session.policy(settings, None), wait_s=30.0)
     delete_cache = (3600, int(settings.session_hours * 3600)) if settings.hosted else None
     with gr.Blocks(title="Merge Studio", delete_cache=delete_cache) as demo:
-        with gr.Row(equal_height=True):
+        with gr.Row():
             gr.Markdown("# Merge Studio\nMerge fine-tuned language models at the parameter level, see why merging "
                         "works, and chat with the result beside the models it came from."
                         + ("\n\n*Hosted studio: Hub models only (up to a size limit) besides the demo family; "
                            "merges are kept for this session.*" if settings.hosted else ""))
             if settings.oauth:  # the visitor's own token: their private and gated models, and their pushes
-                gr.LoginButton(scale=0, min_width=240)
+                with gr.Column(scale=0, min_width=240):
+                    gr.LoginButton(size="md")
         with gr.Tabs() as tabs:
             with gr.Tab("Models"):
                 models = models_tab.build(settings, demo)
