@@ -10,7 +10,11 @@ progress printed) and starts the server. Settings come from the environment; see
 
 from __future__ import annotations
 
+import os
 import sys
+
+if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
+    import spaces  # noqa: F401  (on ZeroGPU it must come before anything touches CUDA: studio/zerogpu.py)
 
 import demo
 from merging.errors import MergeStudioError

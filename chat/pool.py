@@ -245,7 +245,8 @@ class ModelPool:
     when they leave too little room, before refusing. ``download``: the Hub downloader of
     ``merging.sources.resolve_model``. ``decoding``: how loaded models decode (``chat.decoding``:
     auto, dynamic, static or compiled; default ``$MERGE_STUDIO_CHAT_DECODING`` or auto, i.e.
-    compiled on CUDA, warmed up when the model loads).
+    compiled on CUDA, warmed up when the model loads). ``run_device``: where generation runs when
+    it is not ``device`` (ZeroGPU keeps the models on the CPU and moves them for each answer).
     """
 
     def __init__(
@@ -258,8 +259,12 @@ class ModelPool:
         wait_s: float = 0.0,
         download: Callable[[str, str | None, list[str], Token], str] = snapshot_download,
         decoding: str | None = None,
+        run_device: str | None = None,
     ):
         self.device = pick_device(device)
+        # Where generation runs when not where the models are kept (ZeroGPU: kept on the CPU, moved
+        # to CUDA for each generation; ``studio.zerogpu.on_device``); None: where they are kept.
+        self.run_device = torch.device(run_device) if run_device else None
         self.dtype = dtype or chat_dtype(self.device)
         self.decoding = decoding_mode(decoding, self.device)
         self.budget_bytes = default_budget(self.device) if budget_bytes is None else parse_budget(budget_bytes)

@@ -16,11 +16,10 @@ import threading
 
 import gradio as gr
 
-from chat import ModelPool
-from chat import generate as stream_answer
+from chat import ModelPool, SamplingParams, check_message
 from merging.errors import MergeStudioError
 from merging.sources import check_local_access
-from studio import session
+from studio import session, zerogpu
 from studio.common import CHAT, HEAVY, session_hash, user_errors
 from studio.settings import Settings
 from tuning.search import describe_trial
@@ -49,10 +48,11 @@ def register(settings: Settings, pool: ModelPool) -> None:
         """
         # The pool serves every session's merges; this user may read only the offered models and their own.
         check_local_access(model, session.policy(settings, session_hash(request)))
-        text = ""
-        for chunk in stream_answer(model, prompt, temperature, top_p, max_new_tokens, seed, pool=pool):
-            text += chunk
-            yield text
+        params = SamplingParams(temperature, top_p, max_new_tokens, seed)
+        conversation = [{"role": "user", "content": check_message(prompt)}]
+        with pool.leased([model]):  # loaded here, on the pool's device; the answer is a GPU call on ZeroGPU
+            for _, text in zerogpu.answers(pool)([model], [conversation], params):
+                yield text
 
     def redundancy(base: str, sources: list[str], density: float = 0.2, merged: str = "",
                    request: gr.Request = None) -> dict:
@@ -107,6 +107,9 @@ def register(settings: Settings, pool: ModelPool) -> None:
         """The models this studio offers by name (the demo family, or its configured list): {name: reference}."""
         return settings.family()
 
+    merge_recipe = zerogpu.gpu(lambda recipe, *_: zerogpu.merge_seconds(settings, recipe))(merge_recipe)
+    redundancy = zerogpu.gpu(lambda base, sources=(), *_, **__: zerogpu.stats_seconds(settings, base, sources))(redundancy)
+    tune = zerogpu.gpu(lambda *_, **__: zerogpu.search_seconds(settings))(tune)
     gr.api(user_errors(merge_recipe), api_name="merge_recipe", concurrency_id=HEAVY,
            concurrency_limit=settings.heavy_concurrency)
     gr.api(user_errors(generate), api_name="generate", concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from chat import ABSession, ModelPool, SamplingParams, check_message, stream_many
+from chat import ABSession, ModelPool, SamplingParams, check_message
 from chat.ab import without_last_turn
 from chat.arena import close_round, open_round
 from merging.errors import MergeStudioError
-from studio import session
+from studio import session, zerogpu
 from studio.common import CHAT, INSTANT, UI, as_text, handler, session_hash, stop_button, stoppable
 from studio.session import StopSignal
 from studio.settings import Settings
@@ -134,7 +134,9 @@ def respond(settings: Settings, pool: ModelPool, text: str, n: int, is_blind: bo
         plain = [not handle.templated for handle in handles]
         yield view("Generating…")
         last = 0.0
-        for index, so_far in stream_many(handles, round_.asked, params, stop_event):
+        # loaded here, on the pool's device; the answers themselves are a GPU call on ZeroGPU
+        answers = zerogpu.answers(pool)
+        for index, so_far in answers(round_.targets, round_.asked, params, None if zerogpu.ACTIVE else stop_event):
             answers[index] = so_far
             if time.monotonic() - last >= UPDATE_EVERY_S:
                 last = time.monotonic()

@@ -13,6 +13,7 @@ import inspect
 import logging
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -20,6 +21,7 @@ from gradio.utils import get_upload_folder
 from evaluation import registered_suites
 from merging.errors import MergeStudioError
 from merging.units import format_bytes
+from studio import zerogpu
 from studio.session import StopSignal
 
 log = logging.getLogger("merge_studio")
@@ -67,13 +69,14 @@ def user_errors(fn):
     return function
 
 
-def handler(fn, *bound):
+def handler(fn, *bound, gpu: Callable[..., int] | None = None):
     """``fn`` with its first parameters set to ``bound`` (the settings, the pool), as an event
     handler: errors become ``user_errors``' messages, and Gradio sees the signature and type hints
     of the remaining parameters, so it still injects ``gr.Request``, ``gr.Progress`` and
-    ``gr.OAuthToken`` (``functools.partial`` would hide them, and streaming generators too)."""
+    ``gr.OAuthToken`` (``functools.partial`` would hide them, and streaming generators too).
+    ``gpu``: the work is a ZeroGPU call of ``gpu(*bound, *args)`` seconds (``studio.zerogpu``)."""
     if not bound:
-        return user_errors(fn)
+        return user_errors(zerogpu.gpu(gpu)(fn) if gpu is not None else fn)
     signature = inspect.signature(fn)
     names = list(signature.parameters)[: len(bound)]
     if inspect.isgeneratorfunction(fn):
@@ -86,6 +89,8 @@ def handler(fn, *bound):
             return fn(*bound, *args, **kwargs)
     call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(bound):])
     call.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k not in names}
+    if gpu is not None:
+        call = zerogpu.gpu(lambda *args, **kwargs: gpu(*bound, *args, **kwargs))(call)
     return user_errors(call)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 from evaluation import evaluate, load_suite
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import resolve_model
-from studio import session
+from studio import session, zerogpu
 from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, hub_token, session_hash, stop_button, stoppable,
                            suite_choices)
 from studio.session import StopSignal
@@ -121,7 +121,7 @@ def wire(tab: EvaluateTab, settings: Settings, results: gr.State, models) -> Non
     """``models``: the Models tab, whose base and sources give the chart its colours."""
     inputs = [tab.models, tab.suite, tab.suite_file, tab.text_file, tab.pasted, results, models.base, models.sources,
               tab.stop]
-    stoppable(tab.run.click, tab.stop, handler(run_eval, settings), inputs, [tab.status, tab.table, tab.chart],
+    stoppable(tab.run.click, tab.stop, handler(run_eval, settings, gpu=zerogpu.eval_seconds), inputs, [tab.status, tab.table, tab.chart],
               concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     stop_button(tab.stop_button, tab.stop)
     results.change(handler(offer_results, settings), [results, tab.models], [tab.models], **INSTANT)

@@ -19,7 +19,7 @@ from merging.export import push_to_hub, zip_folder
 from merging.lora_export import extract_lora
 from merging.model_card import RECIPE_NAME
 from merging.stages import final_stage
-from studio import session
+from studio import session, zerogpu
 from studio.common import HEAVY, INSTANT, UI, handler, served_dir, hub_token, session_hash
 from studio.recipe_form import stages_from_text
 from studio.settings import Settings
@@ -146,7 +146,7 @@ def wire(tab: ExportTab, settings: Settings, results: gr.State) -> None:
     push = handler(push_with_login) if settings.oauth else handler(push_with_local_token, settings)
     tab.zip_button.click(handler(make_zip), [tab.chosen, results], [tab.archive], **EXPORT)
     tab.push_button.click(push, [tab.chosen, tab.repo, tab.private, results], [tab.pushed], **EXPORT)
-    tab.lora_button.click(handler(make_lora, settings), [tab.chosen, tab.lora_rank, results],
+    tab.lora_button.click(handler(make_lora, settings, gpu=zerogpu.lora_seconds), [tab.chosen, tab.lora_rank, results],
                           [tab.lora_archive, tab.lora_report], concurrency_id=HEAVY,  # an SVD per layer: heavy work
                           concurrency_limit=settings.heavy_concurrency, **UI)
     results.change(offer_results, [results], [tab.chosen], **INSTANT)

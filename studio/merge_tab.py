@@ -19,7 +19,7 @@ from merging.model_card import recipe_of
 from merging.methods import REGISTRY, Param
 from merging.units import format_bytes
 from studio import recipe_form as form
-from studio import session
+from studio import session, zerogpu
 from studio.common import (
     HEAVY,
     INSTANT,
@@ -350,7 +350,7 @@ def wire(tab: MergeTab, settings: Settings, models) -> None:
                       **UI)
     tab.load_recipe.click(handler(load_recipe_of, settings), [tab.merged_model, tab.recipe, tab.version],
                           [*tab.edits, tab.version, *tab.header], concurrency_id="inspect", concurrency_limit=4, **UI)
-    stoppable(tab.run.click, tab.stop, handler(run_merge, settings), [tab.yaml_code, tab.results, tab.stop],
+    stoppable(tab.run.click, tab.stop, handler(run_merge, settings, gpu=zerogpu.merge_seconds), [tab.yaml_code, tab.results, tab.stop],
               [tab.summary, tab.results], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     stop_button(tab.stop_button, tab.stop)
 

@@ -8,7 +8,7 @@ import gradio as gr
 
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import SourcePolicy, resolve_model
-from studio import session
+from studio import session, zerogpu
 from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, served_dir, hub_token, session_hash,
                            stop_button, stoppable, suite_choices)
 from studio.session import StopSignal
@@ -175,11 +175,11 @@ def wire(tab: RedundancyTab, settings: Settings, models, results: gr.State | Non
     merges (the Merge tab's), offered for comparison."""
     heavy = dict(concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     results = results if results is not None else gr.State([])
-    stoppable(tab.compute.click, tab.stop, handler(run_stats, settings),
+    stoppable(tab.compute.click, tab.stop, handler(run_stats, settings, gpu=zerogpu.stats_seconds),
               [models.base, models.sources, tab.density, tab.merged, results, tab.stop],
               [tab.stats, *tab.plots.values(), tab.findings], **heavy)
     results.change(merges_changed, [results, tab.merged], [tab.merged], **INSTANT)
-    stoppable(tab.sweep_button.click, tab.stop, handler(run_sweep, settings),
+    stoppable(tab.sweep_button.click, tab.stop, handler(run_sweep, settings, gpu=zerogpu.sweep_seconds),
               [models.base, tab.swept, tab.suite, tab.suite_file, tab.text_file, tab.stats, tab.stop],
               [tab.sweep, tab.sweep_summary, tab.sweep_plot], **heavy)
     stop_button(tab.stop_button, tab.stop)

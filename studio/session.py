@@ -353,6 +353,11 @@ class StopSignal:
     def __deepcopy__(self, memo) -> StopSignal:
         return StopSignal()
 
+    def __reduce__(self):
+        # A ZeroGPU call pickles its arguments into a worker process, where no click can reach a
+        # threading.Event: the worker gets a fresh, unset signal (``studio.zerogpu``).
+        return StopSignal, ()
+
     def reset(self) -> None:
         self.event.clear()
 

@@ -18,7 +18,7 @@ import yaml
 
 from evaluation import registered_suites
 from merging.errors import MergeStudioError
-from studio import merge_tab, session
+from studio import merge_tab, session, zerogpu
 from studio import tune_form as form
 from studio.common import (
     HEAVY,
@@ -291,7 +291,7 @@ def use_recipe(text: str, current: dict, version: dict):
 def wire(tab: TuneTab, settings: Settings, models, merged: merge_tab.MergeTab, tabs: gr.Tabs) -> None:
     """``models``: the Models tab, whose base and sources are searched; ``merged``: the Merge tab,
     which "Use this recipe" fills; ``tabs``: the studio's tabs (the Merge tab's id is "merge")."""
-    stoppable(tab.start.click, tab.stop, handler(run_search, settings),
+    stoppable(tab.start.click, tab.stop, handler(run_search, settings, gpu=zerogpu.search_seconds),
               [models.base, models.sources, tab.methods, tab.edits, tab.suite, tab.suite_file, tab.test_suite,
                tab.test_file, tab.objective, tab.sampler, tab.trials, tab.seed, tab.stop],
               tab.outputs, concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency,

@@ -6,7 +6,7 @@ import gradio as gr
 
 from chat import ModelPool
 from studio import (api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab, session,
-                    tune_tab)
+                    tune_tab, zerogpu)
 from studio.settings import Settings
 
 CSS = """
@@ -20,7 +20,8 @@ TABS = ("Models", "Merge", "Tune", "Redundancy", "Chat", "Evaluate", "Export")
 def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
     """The studio for ``settings``; ``pool`` (default: a new one from the settings) serves every chat."""
     # the shared pool serves every session's merges; each visitor's own policy is checked before it
-    pool = pool or ModelPool(None, settings.device, session.policy(settings, None), wait_s=30.0)
+    pool = pool or zerogpu.chat_pool(settings, session.policy(settings, None))
+    zerogpu.answers(pool)  # the chat's GPU task, made before launch (ZeroGPU registers its tasks at start)
     delete_cache = (3600, int(settings.session_hours * 3600)) if settings.hosted else None
     with gr.Blocks(title="Merge Studio", delete_cache=delete_cache) as demo:
         with gr.Row():
