@@ -130,6 +130,10 @@ class _Tracker:
         self.repo, self.total, self.watch, self.upload = repo, total, watch, upload
         self.done, self.started, self.shown = 0, time.monotonic(), 0.0
         self.lock = threading.Lock()
+        # huggingface_hub calls back from its own download threads; the watcher may read context
+        # variables of the thread that started the download (Gradio's progress does), so each
+        # report runs in a copy of that thread's context
+        self.context = contextvars.copy_context()
 
     def add(self, count: int) -> None:
         check_cancel(self.watch.cancel, STOPPED, DownloadCancelled)  # raised in the download thread: it stops there
@@ -142,7 +146,7 @@ class _Tracker:
             state = DownloadProgress(self.repo, min(self.done, self.total) if self.upload else self.done,
                                      max(self.total, self.done), now - self.started, upload=self.upload)
         if due and self.watch.progress is not None:
-            self.watch.progress(state)
+            self.context.copy().run(self.watch.progress, state)
 
     def finish(self) -> None:
         if self.watch.progress is not None:

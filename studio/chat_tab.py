@@ -135,8 +135,8 @@ def respond(settings: Settings, pool: ModelPool, text: str, n: int, is_blind: bo
         yield view("Generating…")
         last = 0.0
         # loaded here, on the pool's device; the answers themselves are a GPU call on ZeroGPU
-        answers = zerogpu.answers(pool)
-        for index, so_far in answers(round_.targets, round_.asked, params, None if zerogpu.ACTIVE else stop_event):
+        generate = zerogpu.answers(pool)
+        for index, so_far in generate(round_.targets, round_.asked, params, None if zerogpu.ACTIVE else stop_event):
             answers[index] = so_far
             if time.monotonic() - last >= UPDATE_EVERY_S:
                 last = time.monotonic()
