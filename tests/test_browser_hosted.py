@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_browser_studio import CHROMIUM, TIMEOUT_MS, shot
+from test_browser_studio import CHROMIUM, TIMEOUT_MS, chat_with_merge, shot
 from test_studio import launch, tiny  # noqa: F401  (fixtures)
 
 GRADIO_STAND_IN_TOKEN = "mock-oauth-token-for-local-dev"  # gradio/oauth.py's _get_mocked_oauth_info
@@ -80,13 +80,7 @@ def test_a_visitor_signs_in_merges_hub_models_chats_and_pushes(hub, tiny, tmp_pa
             assert hub.sent("org/base", suffix=".safetensors") == fetched["org/base"]  # not fetched again
             assert all(hub.sent(repo, suffix=".safetensors") >= weights for repo in models.values())
 
-            page.get_by_role("tab", name="Chat").click()
-            page.get_by_label("Panel 2 model").click()
-            page.get_by_role("option", name=re.compile("^merged: ")).click()
-            page.get_by_placeholder("Type a message").fill("hello there")
-            page.get_by_role("button", name="Send").click()
-            page.get_by_text(re.compile(r"Done in [\d.]+ s")).wait_for()
-            assert all(text.strip() for text in page.get_by_test_id("bot").all_inner_texts())
+            chat_with_merge(page, "^merged: ")
 
             page.get_by_role("tab", name="Export").click()
             page.get_by_label("Repository").fill("my-merge")

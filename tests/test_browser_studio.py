@@ -55,6 +55,18 @@ def shot(page, tmp_path, name: str) -> Path:
     return path
 
 
+def chat_with_merge(page, merged_option: str) -> None:
+    """Chat tab: panel 2 takes the merge named by ``merged_option`` (a regex), one message is sent,
+    and every panel answers."""
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_label("Panel 2 model").click()
+    page.get_by_role("option", name=re.compile(merged_option)).click()
+    page.get_by_placeholder("Type a message").fill("hello there")
+    page.get_by_role("button", name="Send").click()
+    page.get_by_text(re.compile(r"Done in [\d.]+ s")).wait_for()
+    assert all(text.strip() for text in page.get_by_test_id("bot").all_inner_texts())
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
 def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
     from playwright.sync_api import expect
@@ -82,14 +94,8 @@ def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
     shot(page, tmp_path, "merge")
 
     # Chat: the merge is offered at once; both panels stream their answers.
-    page.get_by_role("tab", name="Chat").click()
-    page.get_by_label("Panel 2 model").click()
-    page.get_by_role("option", name=re.compile("^merged: ties-")).click()
-    page.get_by_placeholder("Type a message").fill("hello there")
-    page.get_by_role("button", name="Send").click()
-    page.get_by_text(re.compile(r"Done in [\d.]+ s")).wait_for()
+    chat_with_merge(page, "^merged: ties-")
     assert page.get_by_test_id("bot").count() == 2
-    assert all(text.strip() for text in page.get_by_test_id("bot").all_inner_texts())
     shot(page, tmp_path, "chat")
     # Stop ends a long generation within a token or so, keeping what was written.
     page.get_by_text("Sampling (shared by every panel)").click()

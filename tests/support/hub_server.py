@@ -30,6 +30,16 @@ What it answers, as huggingface_hub 2.4 expects (``file_download.py``, ``hf_api.
 
 Bytes of file content sent are counted per (repo, path) in ``bytes_sent`` (API JSON is counted
 under path ``None``), so tests can assert that a refusal sent no weights.
+
+Accounts: ``token`` is user ``tester`` (member of org ``org``); ``add_user`` adds more (a Space's
+visitor). A user writes to its own namespace and its orgs, and reads a private or gated repo of
+another namespace only when published with its token in ``readers``. ``tokens_seen`` records the
+bearer token of every request, so a test can prove whose token reached the Hub.
+
+Faults, to watch and stop downloads: ``rate`` sends file bodies at that many bytes per second;
+``cuts[path]`` lists byte offsets at which successive responses for that file close the
+connection early (an offset equal to the response's start sends nothing: a retry that gets no
+further).
 """
 
 from __future__ import annotations
