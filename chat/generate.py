@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from chat.pool import ModelHandle, ModelPool, default_pool
+from merging.endpoints import Background, Endpoint, idle_wait
 from merging.errors import MergeStudioError
 from merging.prompts import encode as encode_prompt
 from merging.prompts import render
@@ -257,9 +258,9 @@ def stream(handle: ModelHandle, messages: Sequence[Message], params: SamplingPar
     return (chunk for chunk in steps if chunk)
 
 
-def stream_many(handles: Sequence[ModelHandle], conversations: Sequence[Sequence[Message]], params: SamplingParams,
-                stop_event: threading.Event | None = None, *, max_prompt_tokens: int = MAX_PROMPT_TOKENS
-                ) -> Iterator[tuple[int, str]]:
+def stream_many(handles: Sequence[ModelHandle | Endpoint], conversations: Sequence[Sequence[Message]],
+                params: SamplingParams, stop_event: threading.Event | None = None, *,
+                max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> Iterator[tuple[int, str]]:
     """``(panel index, text so far)`` updates for several models answering at once.
 
     The panels advance round-robin in the calling thread, one token per model in turn, so
@@ -268,12 +269,15 @@ def stream_many(handles: Sequence[ModelHandle], conversations: Sequence[Sequence
     other, so on a CPU every panel gets about 1/N of the tokens per second of one model
     alone; the total is the same as running them in sequence, while threads would only
     fight over the same cores. Every conversation is checked before any model runs. One
-    ``stop_event`` stops them all.
+    ``stop_event`` stops them all. A panel may be an ``Endpoint`` (``merging.endpoints``): its
+    answer streams from its server on a thread of its own, read without waiting, and a failure
+    there ends that panel with its message while the others go on.
     """
     if len(handles) != len(conversations):
         raise MergeStudioError(f"{len(handles)} models but {len(conversations)} conversations; give one conversation per panel")
     # Errors name the panel, never the model: in a blind A/B the user must not learn it that way.
-    streams = [_Stream(h, c, params, stop_event, max_prompt_tokens, f"the model in panel {i + 1}")
+    streams = [Background(h, check_messages(c), params, stop_event) if isinstance(h, Endpoint)
+               else _Stream(h, c, params, stop_event, max_prompt_tokens, f"the model in panel {i + 1}")
                for i, (h, c) in enumerate(zip(handles, conversations))]
     return _round_robin([s.steps() for s in streams])
 
@@ -283,6 +287,7 @@ def _round_robin(steps: list[Iterator[str]]) -> Iterator[tuple[int, str]]:
     active = dict(enumerate(steps))
     try:
         while active:
+            news = False
             for index, panel in list(active.items()):
                 try:
                     delta = next(panel)
@@ -290,8 +295,11 @@ def _round_robin(steps: list[Iterator[str]]) -> Iterator[tuple[int, str]]:
                     del active[index]
                     continue
                 if delta:
+                    news = True
                     texts[index] += delta
                     yield index, texts[index]
+            if not news and active:  # only endpoints waiting on their servers
+                idle_wait()
     finally:
         for panel in active.values():
             panel.close()

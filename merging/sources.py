@@ -23,6 +23,7 @@ from typing import Callable
 
 from merging.adapters import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, adapter_weights, read_config as read_adapter_config
 from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
+from merging.endpoints import check_endpoint_access, is_endpoint
 from merging.errors import SourceError
 from merging.hub import Token, check_size, fetch, snapshot_download, split_revision
 
@@ -43,6 +44,7 @@ class SourcePolicy:
     # Whose access Hub calls use (``merging.hub``): None, this machine's token; a visitor's OAuth token;
     # False, anonymous (a hosted visitor not signed in). Never shown, so never in the repr.
     hub_token: Token = field(default=None, repr=False, compare=False)
+    endpoints: tuple[str, ...] = ()  # hosted: the endpoint references (merging.endpoints) a visitor may use
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ def resolve_model(
     path) and a PEFT adapter named alone resolve to the base's folder with ``adapter`` set; the
     adapter's config is checked (``merging.adapters.read_config``) before any weight is fetched.
     """
+    if is_endpoint(ref):
+        raise SourceError(f"{ref!r} is a model on a serving endpoint: it can answer in the Chat and Evaluate tabs, "
+                          "but its weights are not here to merge, inspect or load")
     parts = _lora_parts(ref)
     if parts is None:
         return _resolve_one(ref, policy, download, weights)
@@ -187,6 +192,9 @@ def check_local_access(ref: str, policy: SourcePolicy) -> None:
     For callers that resolve under a wider policy than the user's own, such as the shared chat
     pool (it serves every session's merges), to check the user's policy first.
     """
+    if is_endpoint(ref):
+        check_endpoint_access(ref, policy.endpoints if policy.hosted else None)
+        return
     parts = _lora_parts(ref)
     if parts is not None:
         for part in parts:

@@ -17,6 +17,7 @@ import threading
 import gradio as gr
 
 from chat import ModelPool, SamplingParams, check_message
+from merging.endpoints import is_endpoint
 from merging.errors import MergeStudioError
 from merging.sources import check_local_access
 from studio import session, zerogpu
@@ -50,7 +51,7 @@ def register(settings: Settings, pool: ModelPool) -> None:
         check_local_access(model, session.policy(settings, session_hash(request)))
         params = SamplingParams(temperature, top_p, max_new_tokens, seed)
         conversation = [{"role": "user", "content": check_message(prompt)}]
-        with pool.leased([model]):  # loaded here, on the pool's device; the answer is a GPU call on ZeroGPU
+        with pool.leased([] if is_endpoint(model) else [model]):  # loaded here; the answer is a GPU call on ZeroGPU
             for _, text in zerogpu.answers(pool)([model], [conversation], params):
                 yield text
 

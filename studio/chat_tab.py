@@ -17,6 +17,7 @@ import gradio as gr
 from chat import ABSession, ModelPool, SamplingParams, check_message
 from chat.ab import without_last_turn
 from chat.arena import close_round, open_round
+from merging.endpoints import is_endpoint
 from merging.errors import MergeStudioError
 from studio import session, zerogpu
 from studio.common import CHAT, INSTANT, UI, as_text, handler, session_hash, stop_button, stoppable
@@ -55,7 +56,7 @@ class ChatTab:
 
 def layout(settings: Settings) -> ChatTab:
     family = list(settings.family().values())
-    choices = session.model_choices(settings)
+    choices = session.model_choices(settings, endpoints=True)
     gr.Markdown("One message goes to every panel; the answers stream side by side. Each model uses its "
                 "own chat template (a model without one continues a plain transcript, and its panel says so); "
                 "the same seed gives the same sampling in every panel, so runs compare.")
@@ -128,10 +129,12 @@ def respond(settings: Settings, pool: ModelPool, text: str, n: int, is_blind: bo
             boxes[panel] = gr.Chatbot(messages, label=name + (PLAIN if plain[k] else "")) if is_blind or plain[k] else messages
         return ("", *boxes, gr.skip(), gr.skip(), note)
 
-    ready = all(pool.is_loaded(ref) for ref in round_.targets)
+    local = [ref for ref in round_.targets if not is_endpoint(ref)]  # endpoints answer from their servers
+    ready = all(pool.is_loaded(ref) for ref in local)
     yield view("Generating…" if ready else "Loading the models (or waiting for memory other chats are using)…")
-    with pool.leased(round_.targets) as handles:
-        plain = [not handle.templated for handle in handles]
+    with pool.leased(local) as handles:
+        templated = iter(handle.templated for handle in handles)
+        plain = [False if is_endpoint(ref) else not next(templated) for ref in round_.targets]
         yield view("Generating…")
         last = 0.0
         # loaded here, on the pool's device; the answers themselves are a GPU call on ZeroGPU
@@ -214,7 +217,7 @@ def relabel(settings: Settings, model: str, done: list):
 
 
 def offer_results(settings: Settings, done: list, *values):
-    return [gr.Dropdown(choices=session.model_choices(settings, done), value=v) for v in values]
+    return [gr.Dropdown(choices=session.model_choices(settings, done, endpoints=True), value=v) for v in values]
 
 
 # -- wiring ---------------------------------------------------------------------------------------

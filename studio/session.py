@@ -73,22 +73,26 @@ def policy(settings: Settings, session_hash: str | None = None, token: str | Non
     visitor's own ``token`` from "Sign in with Hugging Face", else none at all, so a visitor never
     reads a private or gated model through the server's token."""
     return SourcePolicy(hosted=settings.hosted, allowed_roots=local_roots(settings, session_hash) if settings.hosted else (),
-                        max_model_bytes=settings.max_model_bytes,
+                        max_model_bytes=settings.max_model_bytes, endpoints=tuple(settings.endpoints.values()),
                         hub_token=(token or False) if settings.hosted else token)
 
 
 # -- the models a session is offered -----------------------------------------------------------------
 
-def model_choices(settings: Settings, results: list[dict] | None = None) -> list[tuple[str, str]]:
-    """(label, reference) of every model a picker offers: the family, then this session's merges."""
+def model_choices(settings: Settings, results: list[dict] | None = None, *,
+                  endpoints: bool = False) -> list[tuple[str, str]]:
+    """(label, reference) of every model a picker offers: the family, then this session's merges,
+    then (``endpoints``: where a served model can answer, the Chat tab) the configured endpoints."""
     base = settings.base_name()
     choices = [(f"{name} (base)" if name == base else name, ref) for name, ref in settings.family().items()]
     choices += [(f"merged: {r['name']}", r["output"]) for r in results or []]
+    if endpoints:
+        choices += [(f"served: {name}", ref) for name, ref in settings.endpoints.items()]
     return choices
 
 
 def label_of(settings: Settings, ref: str, results: list[dict] | None = None) -> str:
-    return next((label for label, value in model_choices(settings, results) if value == ref), ref)
+    return next((label for label, value in model_choices(settings, results, endpoints=True) if value == ref), ref)
 
 
 # -- files a session writes ---------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Environment variables (all optional):
   local stand-in for OAuth (it signs in as this machine's Hub account, ``HF_TOKEN``; the token it
   hands the app is a placeholder the real Hub refuses); by default it is shown on a Space only.
   A signed-in visitor's own token reads the private and gated models they may read and pushes.
+- ``MERGE_STUDIO_ENDPOINTS``: models served by an OpenAI-compatible engine, offered in the Chat
+  tab: ``name=openai:http://host:8000/v1#model,...`` or a JSON object; their key is
+  ``MERGE_STUDIO_ENDPOINT_API_KEY`` (else ``OPENAI_API_KEY``). Hosted, only these endpoints are
+  reachable (``merging.endpoints``).
 - ``MERGE_STUDIO_WORK_DIR``: where session folders (merge outputs, uploads) go; default
   ``<cache>/studio`` (``$MERGE_STUDIO_CACHE``, else ``~/.cache/merge-studio``).
 - ``MERGE_STUDIO_DEVICE``: ``auto`` (default), ``cpu`` or ``cuda`` for merges, statistics,
@@ -43,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import demo
+from merging.endpoints import configured_endpoints
 from merging.errors import MergeStudioError
 from merging.runtime import cache_root
 from merging.units import parse_size
@@ -65,6 +70,7 @@ class Settings:
     session_hours: float = 24.0
     max_tune_trials: int | None = None  # trials per parameter search; None: unlimited
     max_tune_minutes: float | None = None  # wall time per parameter search; None: unlimited
+    endpoints: dict[str, str] = field(default_factory=dict)  # name -> openai:URL#model (merging.endpoints)
     oauth: bool = False  # "Sign in with Hugging Face": the visitor's token for private models and pushes
 
     @classmethod
@@ -95,6 +101,7 @@ class Settings:
             max_tune_minutes=_hours(env, "MERGE_STUDIO_MAX_TUNE_MINUTES", DEFAULT_HOSTED_TUNE_MINUTES, "minutes")
             if hosted or env.get("MERGE_STUDIO_MAX_TUNE_MINUTES") else None,
             oauth=oauth,
+            endpoints=configured_endpoints(env),
         )
 
     def with_models(self, models: Mapping[str, str | Path], base: str | None = None) -> Settings:

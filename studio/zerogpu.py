@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from chat import ModelPool, SamplingParams, stream_many
+from merging.endpoints import is_endpoint, parse_endpoint
 
 ACTIVE = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
 MAX_SECONDS = 900  # the longest call asked for; ZeroGPU caps it by the visitor's quota anyway
@@ -107,8 +108,11 @@ def answers(pool: ModelPool) -> Callable:
     caller leases the models first, so they load on the pool's device outside the call."""
     if id(pool) not in _ANSWERS:
         def generate(refs: Sequence[str], conversations, params: SamplingParams, stop_event=None):
-            with pool.leased(list(refs)) as handles, on_device(handles, pool.run_device):
-                yield from stream_many(handles, conversations, params, stop_event)
+            local = [ref for ref in refs if not is_endpoint(ref)]  # endpoints answer from their servers
+            with pool.leased(local) as handles, on_device(handles, pool.run_device):
+                leased = iter(handles)
+                panels = [parse_endpoint(ref) if is_endpoint(ref) else next(leased) for ref in refs]
+                yield from stream_many(panels, conversations, params, stop_event)
 
         generate.__name__ = "answers"
         _ANSWERS[id(pool)] = gpu(answer_seconds)(generate)

@@ -1,0 +1,121 @@
+"""Endpoint models (issue #17 item 1): ``openai:<base URL>#<model>`` answers through the real
+``openai`` client from a real ``transformers serve`` process on the CPU, beside local models.
+
+A key-checking proxy (``tests/support/serving.py``) stands where a deployment puts one in front
+of its engine, and drops a stream halfway on request.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from chat import ModelPool, SamplingParams, generate, stream_many
+import demo
+from merging.endpoints import Endpoint, configured_endpoints, parse_endpoint
+from merging.errors import MergeStudioError
+from merging.sources import SourcePolicy, check_local_access
+from tests.support.serving import KeyedProxy, TransformersServe, free_port
+
+KEY = "sk-test-key"
+GREEDY = SamplingParams(0.0, 1.0, 24, 0)
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(the demo base's folder, transformers serve serving it, a proxy wanting KEY), for the module."""
+    if not demo.is_ready():
+        pytest.skip("needs the demo family: python -m merging zoo --list builds it")
+    folder = demo.base_path()
+    server = TransformersServe(folder)
+    proxy = KeyedProxy(server.port, KEY)
+    yield folder, server, proxy
+    proxy.stop()
+    server.stop()
+
+
+@pytest.fixture()
+def keyed(monkeypatch):
+    monkeypatch.setenv("MERGE_STUDIO_ENDPOINT_API_KEY", KEY)
+
+
+def _answer(panels, conversations=None, params=GREEDY, stop_event=None) -> list[str]:
+    texts = [""] * len(panels)
+    for index, text in stream_many(panels, conversations or [QUESTION] * len(panels), params, stop_event):
+        texts[index] = text
+    return texts
+
+
+def test_references_parse_and_the_configured_list_is_read():
+    endpoint = parse_endpoint("openai:http://127.0.0.1:8000/v1/#org/my-merge")
+    assert endpoint == Endpoint("http://127.0.0.1:8000/v1", "org/my-merge")
+    assert endpoint.ref == "openai:http://127.0.0.1:8000/v1#org/my-merge"
+    for bad in ("openai:127.0.0.1:8000#m", "openai:http://127.0.0.1:8000/v1", "openai:ftp://h/v1#m"):
+        with pytest.raises(MergeStudioError, match="openai:<base URL>#<model name>"):
+            parse_endpoint(bad)
+    listed = configured_endpoints({"MERGE_STUDIO_ENDPOINTS": "big=openai:http://gpu:8000/v1#org/big, small=http://cpu:8080/v1#s"})
+    assert listed == {"big": "openai:http://gpu:8000/v1#org/big", "small": "openai:http://cpu:8080/v1#s"}
+
+
+def test_the_endpoints_greedy_answer_equals_the_local_models(served, keyed):
+    folder, server, proxy = served
+    local = "".join(generate(str(folder), QUESTION[0]["content"], 0.0, 1.0, 24, 0, pool=ModelPool("2GB", "cpu")))
+    remote = _answer([parse_endpoint(f"openai:{proxy.base_url}#{folder}")])[0]
+    assert "Paris" in local and remote == local
+
+
+def test_a_local_and_a_served_model_stream_side_by_side(served, keyed):
+    folder, server, proxy = served
+    pool = ModelPool("2GB", "cpu")
+    updates = []
+    with pool.leased([str(folder)]) as (handle,):
+        for index, text in stream_many([handle, parse_endpoint(f"openai:{server.base_url}#{folder}")],
+                                       [QUESTION, QUESTION], GREEDY):
+            updates.append(index)
+    assert set(updates) == {0, 1} and updates.count(1) > 1  # both grow, the served one chunk by chunk
+
+
+def test_each_failure_is_a_message_in_its_own_panel_while_the_other_answers(served, keyed, monkeypatch):
+    folder, server, proxy = served
+    pool = ModelPool("2GB", "cpu")
+    cases = {
+        f"openai:http://127.0.0.1:{free_port()}/v1#{folder}": "cannot reach http://127.0.0.1:",
+        f"openai:{server.base_url}#no-such-model": "has no model 'no-such-model'",
+    }
+    with pool.leased([str(folder)]) as (handle,):
+        for ref, message in cases.items():
+            local, failed = _answer([handle, parse_endpoint(ref)])
+            assert local.strip() and failed.startswith("⚠") and message in failed, failed
+        monkeypatch.setenv("MERGE_STUDIO_ENDPOINT_API_KEY", "sk-wrong")
+        local, failed = _answer([handle, parse_endpoint(f"openai:{proxy.base_url}#{folder}")])
+        assert local.strip() and "refused the API key" in failed and "MERGE_STUDIO_ENDPOINT_API_KEY" in failed
+
+
+def test_a_stream_cut_in_the_middle_keeps_what_came_and_says_so(served, keyed):
+    folder, server, proxy = served
+    proxy.cut_after = 600  # a few chunks of server-sent events, then the connection drops
+    try:
+        (text,) = _answer([parse_endpoint(f"openai:{proxy.base_url}#{folder}")])
+    finally:
+        proxy.cut_after = None
+    kept, _, note = text.partition("\n\n⚠ ")
+    assert kept and "was cut after" in note and "send the message again" in note
+
+
+def test_stop_ends_a_served_answer(served, keyed):
+    folder, server, proxy = served
+    stop = threading.Event()
+    stop.set()
+    (text,) = _answer([parse_endpoint(f"openai:{server.base_url}#{folder}")], stop_event=stop)
+    assert text == ""
+
+
+def test_hosted_mode_refuses_an_endpoint_it_was_not_configured_with():
+    configured = "openai:http://127.0.0.1:8000/v1#served"
+    hosted = SourcePolicy(hosted=True, endpoints=(configured,))
+    check_local_access(configured, hosted)
+    with pytest.raises(MergeStudioError, match="only uses the endpoints it is configured with"):
+        check_local_access("openai:http://169.254.169.254/v1#anything", hosted)
+    check_local_access("openai:http://127.0.0.1:9/v1#anything", SourcePolicy())  # locally, any
