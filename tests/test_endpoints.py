@@ -12,28 +12,13 @@ import threading
 import pytest
 
 from chat import ModelPool, SamplingParams, generate, stream_many
-import demo
 from merging.endpoints import Endpoint, configured_endpoints, parse_endpoint
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy, check_local_access
-from tests.support.serving import KeyedProxy, TransformersServe, free_port
+from tests.support.serving import KEY, free_port, served  # noqa: F401  (fixture)
 
-KEY = "sk-test-key"
 GREEDY = SamplingParams(0.0, 1.0, 24, 0)
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-
-
-@pytest.fixture(scope="module")
-def served():
-    """(the demo base's folder, transformers serve serving it, a proxy wanting KEY), for the module."""
-    if not demo.is_ready():
-        pytest.skip("needs the demo family: python -m merging zoo --list builds it")
-    folder = demo.base_path()
-    server = TransformersServe(folder)
-    proxy = KeyedProxy(server.port, KEY)
-    yield folder, server, proxy
-    proxy.stop()
-    server.stop()
 
 
 @pytest.fixture()

@@ -22,6 +22,10 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
+
+KEY = "sk-test-key"  # what KeyedProxy wants in the ``served`` fixture
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -141,3 +145,18 @@ class KeyedProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(the demo base's folder, ``transformers serve`` serving it, a ``KeyedProxy`` wanting ``KEY``)."""
+    import demo
+
+    if not demo.is_ready():
+        pytest.skip("needs the demo family: python -m merging zoo --list builds it")
+    folder = demo.base_path()
+    server = TransformersServe(folder)
+    proxy = KeyedProxy(server.port, KEY)
+    yield folder, server, proxy
+    proxy.stop()
+    server.stop()
