@@ -40,7 +40,7 @@ def check_cancel(cancel, message: str, error: type[Cancelled] = Cancelled) -> No
         raise error(message)
 
 
-_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+_HF_TOKEN = re.compile(r"hf_(?:oauth_)?[A-Za-z0-9]{20,}")  # access tokens and OAuth ones
 
 
 def redact(text: str) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from merging.errors import Cancelled, SourceError, check_cancel
+from merging.errors import Cancelled, SourceError, check_cancel, redact
 from merging.units import format_bytes
 
 Token = str | bool | None  # None: this machine's token; False: anonymous; str: that token
@@ -221,7 +221,7 @@ def hub_failure(ref: str, exc: Exception, doing: str = "download") -> str:
     ``huggingface_hub`` tells apart (checked by class name, so nothing is imported to say it)."""
     repo, revision = split_revision(ref.split("+")[0])
     kinds = {cls.__name__ for cls in type(exc).__mro__}
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if "GatedRepoError" in kinds:
         page = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/{repo}"
         return (f"{repo} is a gated model: accept its conditions on its page ({page}) "
@@ -246,10 +246,35 @@ def hub_failure(ref: str, exc: Exception, doing: str = "download") -> str:
     return f"cannot {doing} {ref!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}); {hint}"
 
 
+ACCESS_PROBES = ("config.json", "adapter_config.json")  # a file every model (or adapter) repo has
+
+
+def check_access(repo_id: str, revision: str | None, token: Token) -> None:
+    """Ask the Hub whether ``token`` (False: nobody) may read the repo's files: a HEAD request on
+    one of them, which a private repo answers 401/404 and a gated one 401/403 to those without
+    access. Needed because the download cache is shared: ``huggingface_hub`` serves a cached
+    snapshot when the Hub refuses the listing (and a gated repo's listing is public), so
+    without this a visitor could read what another visitor's token fetched."""
+    # Deferred: huggingface_hub takes a second to import, and local models never need it.
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    for name in ACCESS_PROBES:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, name, revision=revision), token=token)
+            return
+        except Exception as exc:  # huggingface_hub raises many types: each case gets its own advice
+            if "EntryNotFoundError" not in {cls.__name__ for cls in type(exc).__mro__}:
+                raise SourceError(hub_failure(repo_id + (f"@{revision}" if revision else ""), exc, "read")) from None
+    # readable, but neither a model nor an adapter: the caller says what is missing
+
+
 def fetch(ref: str, patterns: list[str], download, token: Token = None) -> str:
     """``download(repo_id, revision, patterns, token)`` with every Hub failure as a ``SourceError``
-    that says what to do; a Stop stays a ``DownloadCancelled``."""
+    that says what to do; a Stop stays a ``DownloadCancelled``. With an explicit ``token`` (a
+    visitor's, or False for one not signed in) the Hub is asked first whether it may read the repo."""
     repo_id, revision = split_revision(ref)
+    if token is not None:
+        check_access(repo_id, revision, token)
     try:
         return download(repo_id, revision, patterns, token)
     except Cancelled:

@@ -121,6 +121,27 @@ def test_a_private_model_is_read_with_the_policys_token_and_refused_anonymously(
     assert visitor not in repr(SourcePolicy(hub_token=visitor))
 
 
+def test_what_one_visitors_token_fetched_is_not_served_to_another_from_the_cache(hub, llama, in_empty_dir):
+    """The download cache is shared, and huggingface_hub serves a cached snapshot when the Hub
+    refuses the listing (a gated repo's listing is even public): the Hub is asked first."""
+    from merging.model_card import recipe_of
+    from merging.model_info import describe
+
+    visitor = hub.add_user("visitor")
+    hub.publish("org/private", llama.finetuned[0], private=True, grant=False, readers=(visitor,))
+    hub.publish("org/gated", llama.finetuned[1], gated="manual", grant=False, readers=(visitor,))
+    signed_in, anonymous = SourcePolicy(hosted=True, hub_token=visitor), SourcePolicy(hosted=True, hub_token=False)
+    for repo in ("org/private", "org/gated"):
+        assert resolve_model(repo, signed_in).config["model_type"] == "llama"  # weights now in the shared cache
+        with pytest.raises(SourceError, match="private|gated"):
+            resolve_model(repo, anonymous)
+        with pytest.raises(SourceError, match="private|gated"):
+            resolve_model(repo, anonymous, weights=False)
+        assert describe(repo, anonymous).error and not describe(repo, anonymous).tensors
+    with pytest.raises(SourceError, match="private"):
+        recipe_of("org/private", anonymous)
+
+
 def test_a_gated_model_tells_the_cli_user_to_accept_its_conditions(hub, llama, tmp_path):
     hub.publish("org/gated", llama.finetuned[0], gated="manual", grant=False)
     recipe = write_recipe(tmp_path / "r.yaml", "merge_method: linear\nmodels:\n  - {model: org/gated, parameters: {weight: 1}}\n")
