@@ -282,6 +282,16 @@ class ModelPool:
         self._load_locks: dict[Key, threading.Lock] = {}
         self._hub_folders: dict[str, Path] = {}  # Hub id -> downloaded folder, so a get is not a network call
         self.loads = 0  # models loaded so far (a shared model counts once)
+        pool = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (me := pool()) is not None and me._after_fork())
+
+    def _after_fork(self) -> None:
+        """A forked child (a ZeroGPU call's worker) gets locks of its own: the parent's may be held by
+        threads that do not exist there. Leases those threads hold stay counted, so their models are
+        not evicted in the child either."""
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._load_locks = {}
 
     # -- public ----------------------------------------------------------------------------
 

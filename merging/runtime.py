@@ -27,6 +27,16 @@ CACHE_ENV = "MERGE_STUDIO_CACHE"
 MODEL_LOAD_LOCK = threading.RLock()
 
 
+def _fresh_load_lock() -> None:
+    """In a forked child (a ZeroGPU call's worker) the lock may be held by a parent thread that
+    does not exist there: the child starts with a free one."""
+    global MODEL_LOAD_LOCK
+    MODEL_LOAD_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_load_lock)
+
+
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
     if isinstance(device, torch.device):

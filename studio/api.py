@@ -108,9 +108,11 @@ def register(settings: Settings, pool: ModelPool) -> None:
         """The models this studio offers by name (the demo family, or its configured list): {name: reference}."""
         return settings.family()
 
-    merge_recipe = zerogpu.gpu(lambda recipe, *_: zerogpu.merge_seconds(settings, recipe))(merge_recipe)
-    redundancy = zerogpu.gpu(lambda base, sources=(), *_, **__: zerogpu.stats_seconds(settings, base, sources))(redundancy)
-    tune = zerogpu.gpu(lambda *_, **__: zerogpu.search_seconds(settings))(tune)
+    # user_errors inside the GPU call too: ZeroGPU passes on a gr.Error from its worker, nothing else
+    merge_recipe = zerogpu.gpu(lambda recipe, *_: zerogpu.merge_seconds(settings, recipe))(user_errors(merge_recipe))
+    redundancy = zerogpu.gpu(lambda base, sources=(), *_, **__: zerogpu.stats_seconds(settings, base, sources))(
+        user_errors(redundancy))
+    tune = zerogpu.gpu(lambda *_, **__: zerogpu.search_seconds(settings))(user_errors(tune))
     gr.api(user_errors(merge_recipe), api_name="merge_recipe", concurrency_id=HEAVY,
            concurrency_limit=settings.heavy_concurrency)
     gr.api(user_errors(generate), api_name="generate", concurrency_id=CHAT, concurrency_limit=settings.chat_concurrency)

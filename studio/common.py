@@ -76,7 +76,7 @@ def handler(fn, *bound, gpu: Callable[..., int] | None = None):
     ``gr.OAuthToken`` (``functools.partial`` would hide them, and streaming generators too).
     ``gpu``: the work is a ZeroGPU call of ``gpu(*bound, *args)`` seconds (``studio.zerogpu``)."""
     if not bound:
-        return user_errors(zerogpu.gpu(gpu)(fn) if gpu is not None else fn)
+        return user_errors(zerogpu.gpu(gpu)(user_errors(fn)) if gpu is not None else fn)
     signature = inspect.signature(fn)
     names = list(signature.parameters)[: len(bound)]
     if inspect.isgeneratorfunction(fn):
@@ -89,8 +89,8 @@ def handler(fn, *bound, gpu: Callable[..., int] | None = None):
             return fn(*bound, *args, **kwargs)
     call.__signature__ = signature.replace(parameters=list(signature.parameters.values())[len(bound):])
     call.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k not in names}
-    if gpu is not None:
-        call = zerogpu.gpu(lambda *args, **kwargs: gpu(*bound, *args, **kwargs))(call)
+    if gpu is not None:  # messages made inside the call: ZeroGPU passes on a gr.Error only, not other errors
+        call = zerogpu.gpu(lambda *args, **kwargs: gpu(*bound, *args, **kwargs))(user_errors(call))
     return user_errors(call)
 
 

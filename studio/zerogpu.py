@@ -24,10 +24,12 @@ import re
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
+import gradio as gr
 import torch
 
 from chat import ModelPool, SamplingParams, stream_many
 from merging.endpoints import is_endpoint, parse_endpoint
+from merging.errors import MergeStudioError
 
 ACTIVE = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
 MAX_SECONDS = 900  # the longest call asked for; ZeroGPU caps it by the visitor's quota anyway
@@ -109,10 +111,13 @@ def answers(pool: ModelPool) -> Callable:
     if id(pool) not in _ANSWERS:
         def generate(refs: Sequence[str], conversations, params: SamplingParams, stop_event=None):
             local = [ref for ref in refs if not is_endpoint(ref)]  # endpoints answer from their servers
-            with pool.leased(local) as handles, on_device(handles, pool.run_device):
-                leased = iter(handles)
-                panels = [parse_endpoint(ref) if is_endpoint(ref) else next(leased) for ref in refs]
-                yield from stream_many(panels, conversations, params, stop_event)
+            try:
+                with pool.leased(local) as handles, on_device(handles, pool.run_device):
+                    leased = iter(handles)
+                    panels = [parse_endpoint(ref) if is_endpoint(ref) else next(leased) for ref in refs]
+                    yield from stream_many(panels, conversations, params, stop_event)
+            except MergeStudioError as exc:  # as a gr.Error: the one kind ZeroGPU passes on from its worker
+                raise gr.Error(str(exc), print_exception=False) from None
 
         generate.__name__ = "answers"
         _ANSWERS[id(pool)] = gpu(answer_seconds)(generate)

@@ -84,3 +84,49 @@ def test_the_pool_keeps_models_where_it_loads_them_and_answers_on_its_run_device
         assert set(seen) == {run_device}  # on the run device while it answers
         assert _device_of(handle.model).type == "cpu"  # and back in the pool's memory after
     assert text == expected
+
+
+def test_a_forked_worker_does_not_wait_on_locks_the_parents_threads_hold(tiny):  # noqa: F811
+    """A ZeroGPU call runs in a process forked from the studio's, with the pool as it was: locks
+    held by the parent's threads at that moment must not stop the worker."""
+    import os
+    import threading
+    import time
+
+    from merging import runtime
+
+    pool, ref = ModelPool("1GB", "cpu"), str(tiny.finetuned[1])
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with pool._lock, runtime.MODEL_LOAD_LOCK:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:  # the worker: loads and answers with the parent's locks still taken there
+        status = 1
+        try:
+            torch.set_num_threads(1)
+            with pool.leased([ref]) as (handle,):
+                status = 0 if handle.model is not None else 1
+        finally:
+            os._exit(status)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked worker waited on a lock held by a thread of its parent")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join()
