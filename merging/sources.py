@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from merging.adapters import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, adapter_weights, read_config as read_adapter_config
+from merging.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_PICKLE,
+    ADAPTER_WEIGHTS,
+    adapter_weights,
+)
+from merging.adapters import read_config as read_adapter_config
 from merging.checkpoint import pickle_files, pickle_refusal, safetensors_files
 from merging.endpoints import check_endpoint_access, is_endpoint
 from merging.errors import SourceError

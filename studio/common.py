@@ -7,6 +7,7 @@ time with ``handler``; what belongs to one visitor arrives as ``gr.State`` input
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import inspect
@@ -20,6 +21,7 @@ from gradio.utils import get_upload_folder
 
 from evaluation import registered_suites
 from merging.errors import MergeStudioError
+from merging.hub import watching
 from merging.units import format_bytes
 from studio import zerogpu
 from studio.session import StopSignal
@@ -128,6 +130,15 @@ def chosen_suite(label: str) -> str | None:
 
 def session_hash(request: gr.Request | None) -> str | None:
     return getattr(request, "session_hash", None)
+
+
+@contextlib.contextmanager
+def downloads_shown(progress, signal: StopSignal | None = None):
+    """Hub downloads inside the block move ``progress`` (bytes of the total, the rate) and stop at
+    the session's Stop (``merging.hub.watching``)."""
+    with watching(lambda state: progress(state.fraction, desc=state.describe()),
+                  signal.event if signal is not None else None):
+        yield
 
 
 def hub_token(oauth_token: gr.OAuthToken | None) -> str | None:

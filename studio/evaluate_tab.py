@@ -11,11 +11,24 @@ from evaluation import evaluate, load_suite
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import resolve_model
 from studio import session, zerogpu
-from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, hub_token, session_hash, stop_button, stoppable,
-                           suite_choices)
+from studio.common import (
+    HEAVY,
+    INSTANT,
+    UI,
+    chosen_suite,
+    downloads_shown,
+    handler,
+    hub_token,
+    read_upload,
+    session_hash,
+    stop_button,
+    stoppable,
+    suite_choices,
+)
 from studio.session import StopSignal
 from studio.settings import Settings
 from viz.scores import score_chart, score_colors, score_rows
+
 
 @dataclass
 class EvaluateTab:
@@ -99,8 +112,9 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
         def on_prompts(count: int, total: int, label: str = label, i: int = i) -> None:
             progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
 
-        folder = resolve_model(ref, policy).whole_folder()
         try:
+            with downloads_shown(progress, signal):
+                folder = resolve_model(ref, policy).whole_folder()
             report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=signal.event)
         except Cancelled:
             if not reports:

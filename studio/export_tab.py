@@ -20,7 +20,16 @@ from merging.lora_export import extract_lora
 from merging.model_card import RECIPE_NAME
 from merging.stages import final_stage
 from studio import session, zerogpu
-from studio.common import HEAVY, INSTANT, UI, handler, served_dir, hub_token, session_hash
+from studio.common import (
+    HEAVY,
+    INSTANT,
+    UI,
+    downloads_shown,
+    handler,
+    hub_token,
+    served_dir,
+    session_hash,
+)
 from studio.recipe_form import stages_from_text
 from studio.settings import Settings
 
@@ -124,15 +133,16 @@ def base_of(folder: Path) -> str:
 
 
 def make_lora(settings: Settings, output: str, rank: float, done: list, request: gr.Request | None = None,
-              oauth_token: gr.OAuthToken | None = None):
+              oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     """The chosen merge as a LoRA adapter on its base, written into the session's folder: (zip, report)."""
     folder = result_folder(output, done)
     if isinstance(rank, float) and rank.is_integer():
         rank = int(rank)  # the slider sends numbers as floats
     visitor = session_hash(request)
     out = session.folder(settings, visitor, create=True) / "adapters" / f"{folder.name}-lora-r{rank}"
-    result = extract_lora(str(folder), base_of(folder), out, rank, device=settings.device, overwrite=True,
-                          policy=session.policy(settings, visitor, hub_token(oauth_token)))
+    with downloads_shown(progress):  # the base, when it is a Hub model not yet fetched
+        result = extract_lora(str(folder), base_of(folder), out, rank, device=settings.device, overwrite=True,
+                              policy=session.policy(settings, visitor, hub_token(oauth_token)))
     return str(zip_folder(result.output, served_dir("zips", fresh=False))), f"✓ {result.describe()}"
 
 

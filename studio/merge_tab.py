@@ -13,10 +13,10 @@ from pathlib import Path
 import gradio as gr
 
 from merging.calibration import calibration_sources
-from merging.hub import DownloadCancelled, DownloadProgress, watching
 from merging.errors import MergeCancelled, MergeStudioError
-from merging.model_card import recipe_of
+from merging.hub import DownloadCancelled
 from merging.methods import REGISTRY, Param
+from merging.model_card import recipe_of
 from merging.units import format_bytes
 from studio import recipe_form as form
 from studio import session, zerogpu
@@ -25,9 +25,11 @@ from studio.common import (
     INSTANT,
     UI,
     as_text,
+    downloads_shown,
     handler,
+    hub_token,
     read_upload,
-    hub_token, session_hash,
+    session_hash,
     stop_button,
     stoppable,
     user_errors,
@@ -268,6 +270,18 @@ def _adopt(text: str, current: dict, version: dict):
     return new, text, _status(text), relayout(version), *_header(new)
 
 
+def fetch_for_merge(settings: Settings, text: str, signal: StopSignal, request: gr.Request,
+                    oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
+    """The recipe's Hub models downloaded, with progress and Stop, before the merge's own call (on
+    ZeroGPU a download inside the GPU call would spend GPU time on the network). A Stop ends here
+    with its message, and the merge does not start."""
+    progress(0, desc="checking the models")
+    with downloads_shown(progress, signal):
+        count = session.fetch_models(settings, session.recipe_models(text), session_hash(request),
+                                     hub_token(oauth_token))
+    return gr.skip() if not count else f"{count} Hub model(s) ready; merging…"
+
+
 def run_merge(settings: Settings, text: str, done: list, signal: StopSignal, request: gr.Request,
               oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     progress(0, desc="checking the models")
@@ -278,11 +292,8 @@ def run_merge(settings: Settings, text: str, done: list, signal: StopSignal, req
     def on_calibration(ref: str, count: int, total: int):
         progress((count, total), desc=f"calibrating {session.label_of(settings, ref, done)}", unit="examples")
 
-    def on_download(state: DownloadProgress):
-        progress(state.fraction, desc=state.describe())
-
     try:
-        with watching(on_download, signal.event):
+        with downloads_shown(progress, signal):  # what the fetch step did not (a calibration dataset)
             result = session.merge_recipe(settings, text, session_hash(request), progress=on_tensor,
                                           calibration_progress=on_calibration, cancel=signal.event,
                                           token=hub_token(oauth_token))
@@ -350,8 +361,10 @@ def wire(tab: MergeTab, settings: Settings, models) -> None:
                       **UI)
     tab.load_recipe.click(handler(load_recipe_of, settings), [tab.merged_model, tab.recipe, tab.version],
                           [*tab.edits, tab.version, *tab.header], concurrency_id="inspect", concurrency_limit=4, **UI)
-    stoppable(tab.run.click, tab.stop, handler(run_merge, settings, gpu=zerogpu.merge_seconds), [tab.yaml_code, tab.results, tab.stop],
-              [tab.summary, tab.results], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
+    fetched = stoppable(tab.run.click, tab.stop, handler(fetch_for_merge, settings), [tab.yaml_code, tab.stop],
+                        [tab.summary], concurrency_id="fetch", concurrency_limit=2, **UI)
+    fetched.success(handler(run_merge, settings, gpu=zerogpu.merge_seconds), [tab.yaml_code, tab.results, tab.stop],
+                    [tab.summary, tab.results], concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)
     stop_button(tab.stop_button, tab.stop)
 
 

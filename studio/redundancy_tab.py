@@ -9,8 +9,21 @@ import gradio as gr
 from merging.errors import Cancelled, MergeStudioError
 from merging.sources import SourcePolicy, resolve_model
 from studio import session, zerogpu
-from studio.common import (HEAVY, INSTANT, UI, chosen_suite, handler, read_upload, served_dir, hub_token, session_hash,
-                           stop_button, stoppable, suite_choices)
+from studio.common import (
+    HEAVY,
+    INSTANT,
+    UI,
+    chosen_suite,
+    downloads_shown,
+    handler,
+    hub_token,
+    read_upload,
+    served_dir,
+    session_hash,
+    stop_button,
+    stoppable,
+    suite_choices,
+)
 from studio.session import StopSignal
 from studio.settings import Settings
 from viz import figures as viz_figures
@@ -101,12 +114,13 @@ def run_stats(settings: Settings, base: str, sources: list[str], trim: float, me
     progress(0, desc="opening the models")
     merged = None if merged in (None, "", NO_MERGE) else merged
     try:
-        stats = session.measure(
-            settings, base, sources, trim, session_hash(request), cancel=signal.event, merged=merged,
-            token=hub_token(oauth_token),
-            merged_label=session.label_of(settings, merged, done).removeprefix("merged: ") if merged else None,
-            progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
-        )
+        with downloads_shown(progress, signal):
+            stats = session.measure(
+                settings, base, sources, trim, session_hash(request), cancel=signal.event, merged=merged,
+                token=hub_token(oauth_token),
+                merged_label=session.label_of(settings, merged, done).removeprefix("merged: ") if merged else None,
+                progress=lambda done, total, name: progress((done, total), desc=f"measuring {name}", unit="tensors"),
+            )
     except Cancelled:
         return (gr.skip(),) * (len(FIGURES) + 1) + ("Stopped.",)
     figures = viz_figures.all_figures(stats)
@@ -127,7 +141,8 @@ def run_sweep(settings: Settings, base: str, source: str, suite_name: str, uploa
     # Resolve (and, for Hub ids, download with the size limit) under this session's policy first;
     # the sweep then reads the vetted folders.
     policy = session.policy(settings, session_hash(request), hub_token(oauth_token))
-    base_folder, source_folder = (str(resolve_model(ref, policy).whole_folder()) for ref in (base, source))
+    with downloads_shown(progress, signal):
+        base_folder, source_folder = (str(resolve_model(ref, policy).whole_folder()) for ref in (base, source))
     try:
         result = dare_sweep(
             base_folder, source_folder, suite=tasks, text=text or None, device=settings.device, policy=SourcePolicy(),

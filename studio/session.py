@@ -35,7 +35,7 @@ import yaml
 from evaluation import registered_suites
 from merging.engine import merge
 from merging.errors import Cancelled, MergeStudioError, SourceError
-from merging.sources import SourcePolicy, allowed_path
+from merging.sources import HUB_ID, SourcePolicy, allowed_path, resolve_model, split_revision
 from merging.stages import final_stage, merge_stages
 from studio import recipe_form as form
 from studio.settings import Settings
@@ -183,6 +183,26 @@ def merge_recipe(settings: Settings, recipe_text: str, session_hash: str | None,
         else:  # named stages go to the session's stages/ folder, reused when unchanged
             result = merge_stages(stages, out, intermediate_dir=home / "stages", **options)
     return {"name": out.name, **result.summary()}
+
+
+def fetch_models(settings: Settings, refs: list[str], session_hash: str | None, token: str | None = None) -> int:
+    """Download the weights of the Hub models among ``refs`` (checked under the session's policy,
+    as the work that follows checks them), so the work itself reads the cache: on ZeroGPU a
+    download inside a GPU call would spend the visitor's GPU time on the network. Stage names,
+    local folders and endpoints are left alone; returns how many Hub models there were."""
+    hub = [ref for ref in dict.fromkeys(refs) if isinstance(ref, str) and HUB_ID.match(split_revision(ref.split("+")[0])[0])
+           and not Path(ref).expanduser().exists()]
+    for ref in hub:
+        resolve_model(ref, policy(settings, session_hash, token))
+    return len(hub)
+
+
+def recipe_models(recipe_text: str) -> list[str]:
+    """Every model a (multi-stage) recipe names, except its own stages' names."""
+    stages = form.stages_from_text(recipe_text)
+    names = {stage.name for stage in stages if stage.name}
+    refs = [ref for stage in stages for ref in [*stage.referenced_models(), stage.tokenizer_source or ""]]
+    return [ref for ref in refs if ref and ref.split("+")[0] not in names and ref not in ("base", "union")]
 
 
 def measure(settings: Settings, base: str, sources: list[str], density: float, session_hash: str | None, *,

@@ -8,9 +8,9 @@ import os
 import threading
 
 import pytest
+from helpers import error_line, run_cli, write_recipe
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
-from helpers import error_line, run_cli, write_recipe
 from merging.errors import SourceError
 from merging.hub import DownloadCancelled, DownloadProgress, watching
 from merging.sources import SourcePolicy, resolve_model

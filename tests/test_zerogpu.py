@@ -14,11 +14,11 @@ import pickle
 import gradio as gr
 import pytest
 import torch
+from test_studio import tiny, tiny_settings  # noqa: F401  (fixtures)
 
 from chat import ModelPool, SamplingParams, generate
 from studio import zerogpu
 from studio.session import StopSignal
-from test_studio import tiny, tiny_settings  # noqa: F401  (fixtures)
 
 HEAVY = {"run_merge", "run_stats", "run_sweep", "run_eval", "make_lora", "run_search",  # the tabs
          "merge_recipe", "redundancy", "tune",  # the API
