@@ -104,3 +104,47 @@ def test_hosted_mode_refuses_an_endpoint_it_was_not_configured_with():
     with pytest.raises(MergeStudioError, match="only uses the endpoints it is configured with"):
         check_local_access("openai:http://169.254.169.254/v1#anything", hosted)
     check_local_access("openai:http://127.0.0.1:9/v1#anything", SourcePolicy())  # locally, any
+
+
+# -- python -m merging serve -------------------------------------------------------------------
+
+def test_serve_starts_transformers_serve_waits_for_it_and_prints_the_reference(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import demo
+    from helpers import REPO
+
+    if not demo.is_ready():
+        pytest.skip("needs the demo family: python -m merging zoo --list builds it")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, "-m", "merging", "serve", str(demo.base_path()), "--port", str(port),
+                                "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        reference = process.stdout.readline().strip()  # printed once the server answers /health
+        assert reference == f"openai:http://127.0.0.1:{port}/v1#{demo.base_path().absolute()}"
+        (answer,) = _answer([parse_endpoint(reference)])
+        assert "Paris" in answer
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(30)
+    log.seek(0)
+    assert "interrupted; the server was stopped" in log.read()
+
+
+def test_serve_says_how_to_install_a_missing_engine_and_prints_commands_for_elsewhere(tmp_path, llama):
+    from helpers import error_line, run_cli
+
+    printed = run_cli("serve", llama.base, "--engine", "vllm", "--port", "9000", "--tensor-parallel", "4", "--print")
+    command, reference = printed.stdout.splitlines()
+    assert command.startswith("vllm serve ") and "--tensor-parallel-size 4" in command
+    assert reference.endswith(f"openai:http://127.0.0.1:9000/v1#{llama.base.name}")
+    import shutil
+    if shutil.which("vllm") is None:
+        assert "pip install vllm" in error_line(run_cli("serve", llama.base, "--engine", "vllm"))
+    assert "convert_hf_to_gguf.py" in error_line(run_cli("serve", llama.base, "--engine", "llama.cpp"))
+    assert "not a model folder" in error_line(run_cli("serve", tmp_path))
