@@ -1,4 +1,5 @@
-"""``python -m merging eval MODEL``: task accuracy and perplexity of a model folder."""
+"""``python -m merging eval MODEL``: task accuracy and perplexity of a model folder; task accuracy
+of a served model (``openai:<base URL>#<model>``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 from evaluation.run import evaluate
 from evaluation.suites import default_suite, registered_suites
 from merging.cli import Command
+from merging.endpoints import check_endpoint_access, is_endpoint
 from merging.errors import MergeStudioError
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     names = ", ".join(f"'{name}' ({suite.description})" for name, suite in registered_suites().items())
-    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("model_dir", help="a model folder, or a served model: openai:<base URL>#<model name>")
     parser.add_argument("--suite", default=default_suite(),
                         help=f"a JSONL file of {{prompt, answer[, task]}} lines, or a registered suite: {names or 'none'} "
                              f"(default: {default_suite() or 'none'})")
@@ -26,7 +28,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args) -> int:
-    if not args.model_dir.is_dir():
+    if is_endpoint(args.model_dir):
+        check_endpoint_access(args.model_dir, None)  # a malformed reference says how to write one
+    elif not Path(args.model_dir).is_dir():
         raise MergeStudioError(f"model folder {args.model_dir} not found")
     if args.suite is None and args.text is None:
         raise MergeStudioError("nothing to measure: give --suite (a JSONL file of {prompt, answer}) or --text")
@@ -41,4 +45,4 @@ def cmd_eval(args) -> int:
     return 0
 
 
-EVAL = Command("eval", "task accuracy and perplexity of a model folder", _arguments, cmd_eval, "nothing was measured")
+EVAL = Command("eval", "task accuracy and perplexity of a model folder (or task accuracy of a served model)", _arguments, cmd_eval, "nothing was measured")

@@ -7,9 +7,12 @@ scored too. Generation is greedy, so a score is deterministic.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from evaluation.suites import Example
+from merging.endpoints import Endpoint, stream_endpoint
 from merging.errors import check_cancel
 from merging.prompts import cut_at_stop, render
 
@@ -47,10 +50,32 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 16,
     return answers
 
 
+def endpoint_answers(endpoint, prompts: list[str], on_batch=None, cancel=None, workers: int = 4,
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers from a served model (``merging.endpoints``), a few requests at a time (engines
+    batch them); the same prompts, token limit and greedy decoding as ``generate_answers``."""
+    def ask(prompt: str) -> str:
+        check_cancel(cancel, STOPPED)
+        return "".join(stream_endpoint(endpoint, [{"role": "user", "content": prompt}], temperature=0.0, top_p=1.0,
+                                       max_new_tokens=max_new_tokens, seed=0, stop_events=(cancel,)))
+
+    answers: list[str] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(prompts), workers * 4):
+            check_cancel(cancel, STOPPED)
+            answers += list(pool.map(ask, prompts[start: start + workers * 4]))
+            if on_batch is not None:
+                on_batch(len(answers))
+    return answers
+
+
 def task_accuracy(model, tokenizer, examples: list[Example], on_batch=None, cancel=None) -> tuple[float, list[tuple[str, str, str]]]:
     """Fraction of prompts whose normalized answer equals the expected one exactly, and the
-    (prompt, expected, answer) of each."""
-    got = generate_answers(model, tokenizer, [ex.prompt for ex in examples], on_batch=on_batch, cancel=cancel)
+    (prompt, expected, answer) of each. ``model`` may be an ``Endpoint`` (``tokenizer`` None): its
+    server answers."""
+    prompts = [ex.prompt for ex in examples]
+    got = (endpoint_answers(model, prompts, on_batch, cancel) if isinstance(model, Endpoint)
+           else generate_answers(model, tokenizer, prompts, on_batch=on_batch, cancel=cancel))
     details = [(ex.prompt, ex.answer, answer) for ex, answer in zip(examples, got)]
     correct = sum(normalize(answer) == normalize(ex.answer) for ex, answer in zip(examples, got))
     return correct / len(examples), details

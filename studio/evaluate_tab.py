@@ -9,7 +9,8 @@ import pandas as pd
 
 from evaluation import evaluate, load_suite
 from merging.errors import Cancelled, MergeStudioError
-from merging.sources import resolve_model
+from merging.endpoints import is_endpoint
+from merging.sources import check_local_access, resolve_model
 from studio import session, zerogpu
 from studio.common import (
     HEAVY,
@@ -51,7 +52,8 @@ def layout(settings: Settings) -> EvaluateTab:
     gr.Markdown("Exact-match accuracy on task prompts (each through the model's chat template, or as plain "
                 "text for a model without one; greedy) and perplexity on a text, for any of the models. "
                 "Compare the merges with their sources.")
-    models = gr.CheckboxGroup(session.model_choices(settings), value=list(settings.family().values()), label="Models")
+    models = gr.CheckboxGroup(session.model_choices(settings, endpoints=True), value=list(settings.family().values()),
+                              label="Models")
     with gr.Row():
         suites = list(suite_choices())
         suite = gr.Radio(suites, value=suites[0], label="Task suite")
@@ -113,8 +115,12 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
             progress((count, total), desc=f"{label} ({i + 1}/{len(refs)})", unit="prompts")
 
         try:
-            with downloads_shown(progress, signal):
-                folder = resolve_model(ref, policy).whole_folder()
+            if is_endpoint(ref):  # its server answers; a hosted visitor may use the configured ones only
+                check_local_access(ref, policy)
+                folder = ref
+            else:
+                with downloads_shown(progress, signal):
+                    folder = resolve_model(ref, policy).whole_folder()
             report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=signal.event)
         except Cancelled:
             if not reports:
@@ -126,7 +132,7 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
 
 
 def offer_results(settings: Settings, done: list, value: list[str]):
-    return gr.CheckboxGroup(choices=session.model_choices(settings, done), value=value)
+    return gr.CheckboxGroup(choices=session.model_choices(settings, done, endpoints=True), value=value)
 
 
 # -- wiring ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from chat import ModelPool, SamplingParams, generate, stream_many
+from evaluation.scoring import normalize
 from merging.endpoints import Endpoint, configured_endpoints, parse_endpoint
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy, check_local_access
@@ -148,3 +149,32 @@ def test_serve_says_how_to_install_a_missing_engine_and_prints_commands_for_else
         assert "pip install vllm" in error_line(run_cli("serve", llama.base, "--engine", "vllm"))
     assert "convert_hf_to_gguf.py" in error_line(run_cli("serve", llama.base, "--engine", "llama.cpp"))
     assert "not a model folder" in error_line(run_cli("serve", tmp_path))
+
+
+# -- evaluation through an engine (issue #17 item 3) -----------------------------------------------
+
+def test_eval_scores_a_served_model_on_the_same_suite_as_its_folder(served, keyed, tmp_path):
+    import json
+
+    from evaluation.run import evaluate
+    from helpers import error_line, run_cli
+
+    from evaluation.suites import load_suite
+
+    folder, server, proxy = served
+    ref = f"openai:{proxy.base_url}#{folder}"
+    suite = tmp_path / "suite.jsonl"  # four prompts of each demo task: the same suite, a third of the time
+    suite.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "task": task}) + "\n"
+                             for task, examples in load_suite("zoo").items() for ex in examples[:4]))
+    local, remote = evaluate(folder, suite, device="cpu"), evaluate(ref, suite)
+    assert remote.tasks.keys() == local.tasks.keys() == {"geography", "people", "creatures"}
+    pairs = [(a[2], b[2]) for task in local.answers for a, b in zip(local.answers[task], remote.answers[task])]
+    same = sum(normalize(mine) == normalize(theirs) for mine, theirs in pairs)
+    # greedy both ways; the studio batches prompts with left padding, the server answers one at a time,
+    # so a near tie may fall the other way now and then
+    assert same >= 0.9 * len(pairs), [p for p in pairs if normalize(p[0]) != normalize(p[1])]
+    direct = f"openai:{server.base_url}#{folder}"  # the CLI process gets no key: the server itself wants none
+    result = run_cli("eval", direct, "--suite", suite, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tasks"] == remote.summary()["tasks"]
+    assert "perplexity needs the model's weights" in error_line(run_cli("eval", direct, "--text", __file__))
