@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluation.harness import run_lm_eval
 from evaluation.run import evaluate
 from evaluation.suites import default_suite, registered_suites
 from merging.cli import Command
@@ -24,6 +25,10 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="also load pytorch_model.bin checkpoints (only for files you trust)")
+    parser.add_argument("--lm-eval", default=None, metavar="TASKS",
+                        help="run lm-evaluation-harness instead: comma-separated tasks, a suite's name (its tasks, "
+                             "scored as here) or lm-eval's own task names (pip install lm_eval)")
+    parser.add_argument("--limit", type=int, default=None, help="with --lm-eval: at most this many examples per task")
     parser.add_argument("--json", action="store_true", help="print {\"tasks\": {name: accuracy}, \"perplexity\": ...}")
 
 
@@ -32,6 +37,14 @@ def cmd_eval(args) -> int:
         check_endpoint_access(args.model_dir, None)  # a malformed reference says how to write one
     elif not Path(args.model_dir).is_dir():
         raise MergeStudioError(f"model folder {args.model_dir} not found")
+    if args.lm_eval:
+        tasks = [task.strip() for task in args.lm_eval.split(",") if task.strip()]
+        scores = run_lm_eval(args.model_dir, tasks, device=args.device, limit=args.limit)
+        if args.json:
+            print(json.dumps({"tasks": {k: round(v, 4) for k, v in scores.items()}, "perplexity": None}))
+        for name, accuracy in scores.items() if not args.json else ():
+            print(f"{name}: {accuracy:.1%} exact match (lm-evaluation-harness)")
+        return 0
     if args.suite is None and args.text is None:
         raise MergeStudioError("nothing to measure: give --suite (a JSONL file of {prompt, answer}) or --text")
     result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device, allow_pickle=args.allow_pickle)
