@@ -11,6 +11,10 @@ its model (checked: the texts must be equal, or the run says so). For each setti
   panel's tokens/s is its tokens over the time until its last token, and the total is all
   panels' tokens over the time until the last panel ends.
 
+* ``--endpoint``: the first model served by ``transformers serve`` (``python -m merging serve``,
+  same device, float32) and streamed into one panel through the ``openai`` client, as an
+  ``openai:`` reference is in the Chat tab (greedy: its text must equal ``generate``'s too).
+
 Each measurement is the median of ``--repeats`` runs after one warm-up of every model.
 The issue's CPU targets: one panel at >= 80% of ``generate``; three panels' total no lower
 than one panel's. Prints a Markdown table; ``--json PATH`` writes the numbers.
@@ -18,6 +22,7 @@ than one panel's. Prints a Markdown table; ``--json PATH`` writes the numbers.
     python bench/chat_speed.py                         # demo family, CPU, ~3 minutes
     python bench/chat_speed.py --max-new-tokens 32 --repeats 1    # quicker
     python bench/chat_speed.py --device cuda          # a GPU: static KV cache + compiled step
+    python bench/chat_speed.py --endpoint             # also one panel through transformers serve
 """
 
 from __future__ import annotations
@@ -79,6 +84,35 @@ def panels(handles, prompt: str, params: SamplingParams) -> tuple[list[str], lis
     return texts, ends, time.perf_counter() - started
 
 
+def served_rate(ref: str, args, params: SamplingParams, expected: tuple[str, int]) -> dict:
+    """One panel streaming ``ref`` from ``transformers serve`` on this machine: tokens/s (the same
+    greedy tokens as ``generate``: the text is compared), median of ``args.repeats`` after a warm-up."""
+    import socket
+    import subprocess
+
+    from merging.serving import _executable, launch, wait_healthy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
+    launched = launch(ref, "transformers", port=port, device=device)
+    process = subprocess.Popen(_executable([*launched.argv, "--dtype", "float32"]), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_healthy(launched, process, timeout_s=300)
+        endpoint = launched.endpoint
+        panels([endpoint], PROMPT, params)  # warm-up
+        runs = [panels([endpoint], PROMPT, params) for _ in range(args.repeats)]
+    finally:
+        process.terminate()
+        process.wait(30)
+    text = runs[0][0][0]
+    rate = expected[1] / statistics.median([ends[0] for _, ends, _ in runs])
+    return {"panels": 1, "via": "transformers serve", "total_tok_s": round(rate, 2),
+            "same_text": text.strip() == expected[0].strip()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", help="three model folders (default: the demo family's base, geography, people)")
@@ -87,6 +121,7 @@ def main() -> int:
                         help="how the panels decode (chat.decoding); auto: compiled on CUDA, dynamic on CPU")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--endpoint", action="store_true", help="also one panel through transformers serve")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -117,6 +152,9 @@ def main() -> int:
         rows.append({"panels": count, "per_panel_tok_s": [round(r, 2) for r in per_panel], "total_tok_s": round(total, 2)})
 
     one = rows[0]["per_panel_tok_s"][0]
+    served = served_rate(refs[0], args, params, expected[0]) if args.endpoint else None
+    if served is not None:
+        rows.append(served)
     result = {
         "device": str(handles[0].device), "dtype": str(pool.dtype).removeprefix("torch."),
         "decoding": pool.decoding, "load_and_warm_up_s": round(load_s, 1),
@@ -134,9 +172,16 @@ def main() -> int:
     print("| setting | tokens/s per panel | total tokens/s |\n|---|---|---|")
     print(f"| `model.generate`, model 1 alone | {generate_rate:.2f} | {generate_rate:.2f} |")
     for row in rows:
+        if "via" in row:
+            print(f"| 1 panel via {row['via']} | {row['total_tok_s']:.2f} | {row['total_tok_s']:.2f} |")
+            continue
         print(f"| {row['panels']} panel(s) | {' / '.join(f'{r:.2f}' for r in row['per_panel_tok_s'])} | {row['total_tok_s']:.2f} |")
     print(f"\none panel / generate: {result['one_panel_vs_generate']:.2f} (target >= 0.80); "
           f"three panels' total / one panel: {result['three_panels_total_vs_one']} (target >= 1.00)")
+    if served is not None:
+        print(f"one panel through transformers serve / in-process: {served['total_tok_s'] / one:.2f}")
+        if not served["same_text"]:
+            print("warning: the served model's greedy text differs from generate's")
     if mismatches:
         print(f"warning: greedy text differs from generate's for {sorted(set(mismatches))}")
     if args.json:
