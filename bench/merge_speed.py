@@ -59,6 +59,7 @@ DEFAULT_METHODS = ("ties", "dare_ties", "linear")
 CALIBRATION = [f"line {i}: models of one architecture can be merged, and the merge keeps what each knows"
                for i in range(32)]
 TOOLS = ("ours", "mergekit")
+FLOOR = "floor"  # a third "tool": read every input tensor and write one output (bench/io_floor.py)
 
 #: Family shapes. "170m": Llama, hidden 768, 12 layers, MLP 3072, vocab 32000, untied
 #: embeddings -> 162.6M parameters (~325 MB per bf16 checkpoint).
@@ -67,6 +68,9 @@ SIZES = {
                   intermediate_size=192, tie_word_embeddings=False),
     "170m": dict(arch="llama", hidden_size=768, num_layers=12, vocab_size=32000,
                  intermediate_size=3072, tie_word_embeddings=False),
+    # ~1.1B (TinyLlama's widths, 32 heads): what bench/gpu_check.sh merges on a GPU
+    "1b": dict(arch="llama", hidden_size=2048, num_layers=22, vocab_size=32000,
+               intermediate_size=5632, tie_word_embeddings=False),
 }
 N_FINETUNED = 3
 POLL_S = 0.02
@@ -146,6 +150,8 @@ def tool_command(tool: str, recipe: Path, out: Path, device: str, extra: list[st
     if tool == "mergekit":
         return [*mergekit_executable(), str(recipe), str(out),
                 *(["--cuda"] if device == "cuda" else []), *extra]
+    if tool == FLOOR:
+        return [sys.executable, str(REPO_ROOT / "bench" / "io_floor.py"), str(recipe), str(out), "--device", device]
     raise ValueError(tool)
 
 
@@ -172,6 +178,7 @@ class Run:
     stderr_log: str = ""
     output_files: list[str] = field(default_factory=list)
     output_gb: float | None = None
+    peak_gpu_gb: float | None = None  # GPU memory in use at the peak, above what was in use before (NVML)
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -187,6 +194,25 @@ def tree_rss(proc: psutil.Process) -> int:
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
     return total
+
+
+_NVML = None
+
+
+def gpu_used() -> int | None:
+    """Bytes of GPU 0's memory in use now (NVML: every process, so run alone), or None without NVML."""
+    global _NVML
+    try:
+        if _NVML is None:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML = pynvml.nvmlDeviceGetHandleByIndex(0)
+        import pynvml
+
+        return int(pynvml.nvmlDeviceGetMemoryInfo(_NVML).used)
+    except Exception:  # no NVIDIA driver or no nvidia-ml-py: CPU runs report no GPU memory
+        return None
 
 
 def error_line(stderr: str, limit: int = 160) -> str:
@@ -235,9 +261,12 @@ def measure(run: Run, cwd: Path, env: dict, log_dir: Path, timeout: float | None
         except psutil.NoSuchProcess:  # already gone (and reaped) before the first sample
             ps = None
         peak = samples = 0
+        gpu_before = gpu_peak = gpu_used()
         while not done.is_set():
             if ps is not None:
                 peak = max(peak, tree_rss(ps))
+            if gpu_before is not None:
+                gpu_peak = max(gpu_peak, gpu_used() or 0)
             samples += 1
             if timeout is not None and time.perf_counter() - t0 > timeout and not run.timed_out:
                 run.timed_out = True
@@ -252,6 +281,7 @@ def measure(run: Run, cwd: Path, env: dict, log_dir: Path, timeout: float | None
     run.returncode = child.returncode
     run.wall_s = result["end"] - t0
     run.peak_rss_gb = peak / GB
+    run.peak_gpu_gb = None if gpu_before is None else (gpu_peak - gpu_before) / GB
     usage = result["usage"]
     run.kernel_maxrss_gb = usage.ru_maxrss * 1024 / GB  # ru_maxrss is in KiB on Linux
     run.cpu_s = usage.ru_utime + usage.ru_stime  # child + reaped descendants; robust to CPU contention
@@ -422,6 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", action="store_true",
                    help="run each tool once (unmeasured) before measuring, to warm the page cache")
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of ours,mergekit")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the read+write floor: every input read, one output written (bench/io_floor.py)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     p.add_argument("--ours-args", default="", help="extra arguments for our CLI, shell-quoted; use the = form: --ours-args='--foo 1'")
@@ -468,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         out = workdir / "out" / f"{method}-{tool}{tag}"
         if out.exists():
             shutil.rmtree(out)  # same starting point for both tools; deletion is not timed
-        cmd = tool_command(tool, recipes[method], out, args.device, extra[tool])
+        cmd = tool_command(tool, recipes[method], out, args.device, extra.get(tool, []))
         run = measure(Run(tool=tool, method=method, command=cmd), REPO_ROOT, env,
                       log_dir if not tag else log_dir / "warmup", args.timeout)
         describe_output(run, out)
@@ -488,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             for tool in [t for t in order if t == "ours" or method in METHODS]:
                 all_runs.setdefault((method, tool), []).append(one(tool, method))
 
+    floor = asdict(one(FLOOR, args.methods[0])) if args.floor else None
     rows = []
     for method in args.methods:
         row = {"method": method}
@@ -509,11 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     beyond = [r for r in rows if r["method"] in BEYOND_MERGEKIT]
     if beyond:
         table += "\n\n" + beyond_table(beyond, next((r for r in rows if r["method"] == "ties"), None))
+    if floor is not None and not floor["error"]:
+        table += f"\n\nRead+write floor (every input read, one output written, nothing computed): {floor['wall_s']:.2f} s"
     print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"machine": machine, "family": fam_info, "methods": args.methods,
-                   "tools": args.tools, "warmup": args.warmup, "results": rows,
+                   "tools": args.tools, "warmup": args.warmup, "results": rows, "floor": floor,
                    "recipes": {m: str(p) for m, p in recipes.items()}, "table_markdown": table}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
