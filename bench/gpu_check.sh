@@ -28,7 +28,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     exit 0
 fi
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if [[ " $* " != *" --tiny "* ]] && compgen -G ".whl/*.whl" > /dev/null; then  # the GPU machine's Python 3.12 wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi

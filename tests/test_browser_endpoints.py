@@ -70,3 +70,30 @@ def test_a_local_and_a_served_panel_answer_side_by_side_in_the_browser(studio_wi
         shot(page, tmp_path, "endpoint-chat")
         browser.close()
     assert not errors, errors
+
+
+def test_a_blind_comparison_pairs_a_served_model_with_a_local_one(served, tmp_path, monkeypatch):  # noqa: F811
+    """Blind A/B across a local and a served model, through the Chat tab's own handler: both answer
+    (greedy: the same text), neither is named until the vote, and the vote reveals both."""
+    import threading
+
+    import demo
+    from chat import ModelPool, SamplingParams
+    from studio import Settings
+    from studio.chat_tab import respond
+
+    folder, server, proxy = served
+    monkeypatch.setenv("MERGE_STUDIO_ENDPOINT_API_KEY", KEY)
+    monkeypatch.setenv("MERGE_STUDIO_VOTES", str(tmp_path / "votes.jsonl"))
+    ref = f"openai:{proxy.base_url}#{folder}"
+    settings = Settings(work_dir=tmp_path / "work", device="cpu", endpoints={"demo base": ref})
+    settings = settings.with_models({"base": demo.base_path(), "geography": demo.expert_path("geography")})
+    local = str(demo.base_path())
+    updates = list(respond(settings, ModelPool("2GB", "cpu"), QUESTION, 2, True, [local, ref, None, None],
+                           [[] for _ in range(4)], None, SamplingParams(0.0, 1.0, 24, 0), threading.Event(), None, []))
+    *_, conversations, ab, note = updates[-1]
+    assert set(ab.models) == {local, ref} and ab.names() == ("Model A", "Model B") and "Vote below" in note
+    answers = [conversations[panel][-1]["content"] for panel in (0, 1)]
+    assert "Paris" in answers[0] and answers[0] == answers[1]
+    revealed = ab.vote("A")
+    assert set(revealed.values()) == {local, ref}

@@ -19,7 +19,7 @@ def test_the_gpu_check_runs_every_merge_step_and_prints_its_table(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     table = result.stdout
-    for row in ("| merge ties |", "| merge linear |", "| merge tsv |", "| merge iso_c |", "| read+write floor |"):
+    for row in ("| merge ties |", "| merge tsv |", "| read+write floor |"):  # --tiny: one of each kind
         assert row in table, table
     report = json.loads((tmp_path / "report.json").read_text())
     ties = next(r for r in report["merges"]["results"] if r["method"] == "ties")
