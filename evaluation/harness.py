@@ -99,7 +99,8 @@ def run_lm_eval(model: str, tasks: list[str], device: str = "auto", limit: int |
         backend, args = "hf", f"pretrained={Path(model).absolute()},dtype=float32"
         kwargs = {"device": str(pick_device(device)), "batch_size": 16}
     previous = os.environ.get("OPENAI_API_KEY")
-    os.environ["OPENAI_API_KEY"] = previous or api_key()  # where local-chat-completions reads the key
+    if is_endpoint(model):
+        os.environ["OPENAI_API_KEY"] = api_key()  # where local-chat-completions reads the key
     try:
         results = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=list(ours),
                                           task_manager=TaskManager(include_path=include or None),
@@ -107,10 +108,13 @@ def run_lm_eval(model: str, tasks: list[str], device: str = "auto", limit: int |
     except MergeStudioError:
         raise
     except Exception as exc:  # lm-eval raises many types (unknown task, no network for its datasets, ...)
-        raise MergeStudioError(f"lm-evaluation-harness failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0] if str(exc).strip() else "no message"
+        raise MergeStudioError(f"lm-evaluation-harness failed: {type(exc).__name__}: {reason}") from None
     finally:
         if previous is None:
             os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = previous
     scores = {}
     for name, metrics in results["results"].items():
         value = next((v for k, v in metrics.items() if k.startswith(("exact_match,", "acc,")) and "stderr" not in k), None)

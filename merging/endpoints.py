@@ -62,6 +62,9 @@ def parse_endpoint(ref: str) -> Endpoint:
     if not sep or not model.strip() or parts.scheme not in ("http", "https") or not parts.netloc:
         raise MergeStudioError(f"{ref!r} is not an endpoint reference: write openai:<base URL>#<model name>, "
                                "e.g. openai:http://127.0.0.1:8000/v1#my-merge")
+    if parts.username or parts.password:  # it would be shown wherever the reference is
+        raise MergeStudioError("an endpoint URL must not hold credentials: put the key in "
+                               "MERGE_STUDIO_ENDPOINT_API_KEY instead")
     return Endpoint(url.rstrip("/"), model.strip())
 
 
@@ -122,7 +125,7 @@ def served_models(endpoint: Endpoint) -> list[str]:
 def failure(endpoint: Endpoint, exc: Exception, tokens: int = 0) -> str:
     """What went wrong asking ``endpoint``, and what to do, for each case the client tells apart."""
     kinds = {cls.__name__ for cls in type(exc).__mro__}
-    where = endpoint.base_url
+    where = f"the server at {urlsplit(endpoint.base_url).netloc}"
     if tokens and kinds & {"APIConnectionError", "RemoteProtocolError", "ReadError", "APIError", "ReadTimeout"}:
         return f"the stream from {where} was cut after {tokens} chunks; send the message again"
     if "APITimeoutError" in kinds:
@@ -175,12 +178,13 @@ class Background:
 
     def __init__(self, endpoint: Endpoint, messages: Sequence[dict], params, stop_event: threading.Event | None):
         self._queue: queue.Queue = queue.Queue()
-        self.closed = threading.Event()
+        self.closed, self.stop_event = threading.Event(), stop_event
         self._deltas = stream_endpoint(endpoint, messages, temperature=params.temperature, top_p=params.top_p,
                                        max_new_tokens=params.max_new_tokens, seed=params.seed,
                                        stop_events=(stop_event, self.closed))
+        # started by the first read of steps(): a panel never read (another panel's input was refused
+        # before any ran) asks its server nothing
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         try:
@@ -195,11 +199,14 @@ class Background:
 
     def steps(self) -> Iterator[str]:
         written = False
+        self._thread.start()
         try:
             while True:
                 try:
                     kind, value = self._queue.get_nowait()
                 except queue.Empty:
+                    if self.stop_event is not None and self.stop_event.is_set():
+                        return  # Stop while the server has not sent a first token
                     yield ""
                     continue
                 if kind == "end":

@@ -11,6 +11,7 @@ how to install it if not), starts it, waits until it answers ``/health``, and pr
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import shutil
 import signal
@@ -65,7 +66,7 @@ def launch(model: str, engine: str = "transformers", *, host: str = "127.0.0.1",
                 f"convert_hf_to_gguf.py {model} --outfile {path.name}.gguf, then serve that file")
     elif not (path / "config.json").is_file():
         raise MergeStudioError(f"{model} is not a model folder (no config.json); give a merged output folder")
-    name = path.name if engine in ("vllm", "sglang", "llama.cpp") else str(path.absolute())
+    name = path.absolute().name if engine in ("vllm", "sglang", "llama.cpp") else str(path.absolute())
     folder = str(path.absolute())
     argv = {
         # transformers serve names the model by the path it was given
@@ -114,7 +115,7 @@ def wait_healthy(launched: Launch, process: subprocess.Popen, timeout_s: float =
             with urllib.request.urlopen(url, timeout=2) as answer:
                 if answer.status == 200:
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet, or answering half-started
             time.sleep(0.5)
     raise MergeStudioError(f"{launched.engine} did not answer {url} within {timeout_s:.0f} s")
 

@@ -120,7 +120,14 @@ def answers(pool: ModelPool) -> Callable:
                 raise gr.Error(str(exc), print_exception=False) from None
 
         generate.__name__ = "answers"
-        _ANSWERS[id(pool)] = gpu(answer_seconds)(generate)
+        on_gpu = gpu(answer_seconds)(generate)
+
+        def dispatch(refs: Sequence[str], conversations, params: SamplingParams, stop_event=None):
+            # served models only: no GPU work here, so no GPU call (and none of the visitor's quota)
+            run = generate if all(is_endpoint(ref) for ref in refs) else on_gpu
+            yield from run(refs, conversations, params, stop_event)
+
+        _ANSWERS[id(pool)] = dispatch
     return _ANSWERS[id(pool)]
 
 

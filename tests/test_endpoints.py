@@ -41,6 +41,8 @@ def test_references_parse_and_the_configured_list_is_read():
     for bad in ("openai:127.0.0.1:8000#m", "openai:http://127.0.0.1:8000/v1", "openai:ftp://h/v1#m"):
         with pytest.raises(MergeStudioError, match="openai:<base URL>#<model name>"):
             parse_endpoint(bad)
+    with pytest.raises(MergeStudioError, match="must not hold credentials"):
+        parse_endpoint("openai:http://user:secret@gpu-box:8000/v1#m")  # shown wherever the reference is
     listed = configured_endpoints({"MERGE_STUDIO_ENDPOINTS": "big=openai:http://gpu:8000/v1#org/big, small=http://cpu:8080/v1#s"})
     assert listed == {"big": "openai:http://gpu:8000/v1#org/big", "small": "openai:http://cpu:8080/v1#s"}
 
@@ -67,7 +69,7 @@ def test_each_failure_is_a_message_in_its_own_panel_while_the_other_answers(serv
     folder, server, proxy = served
     pool = ModelPool("2GB", "cpu")
     cases = {
-        f"openai:http://127.0.0.1:{free_port()}/v1#{folder}": "cannot reach http://127.0.0.1:",
+        f"openai:http://127.0.0.1:{free_port()}/v1#{folder}": "cannot reach the server at 127.0.0.1:",
         f"openai:{server.base_url}#no-such-model": "has no model 'no-such-model'",
     }
     with pool.leased([str(folder)]) as (handle,):
