@@ -25,7 +25,7 @@ from merging.errors import MergeStudioError
 from merging.plan import config_mismatch, layout_mismatch
 from merging.runtime import meta_model
 from merging import hub
-from merging.sources import HUB_ID, SourcePolicy, resolve_model, snapshot_download, split_revision
+from merging.sources import SourcePolicy, is_hub_ref, resolve_model, snapshot_download, split_revision
 
 Tensors = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype)
 
@@ -52,7 +52,7 @@ def describe(ref: str, policy: SourcePolicy = SourcePolicy(), download=snapshot_
         info.architecture = resolved.architecture
         if safetensors_files(resolved.folder):
             info.tensors, info.disk_bytes = _local_tensors(resolved.folder, ref, policy)
-        elif _is_hub_id(ref):
+        elif is_hub_ref(ref):
             info.tensors, info.disk_bytes = _hub_tensors(ref, policy)
         else:
             resolve_model(ref, policy, download)  # raises the engine's message (pickles only, no weights)
@@ -83,11 +83,6 @@ def compatibility(base: ModelInfo, other: ModelInfo) -> tuple[bool, str]:
         return False, f"tensor {missing} of the base is missing here; the checkpoints do not have the same layout"
     note = "" if other.dtypes == base.dtypes else f" (stored as {', '.join(other.dtypes)}; merges compute in float32)"
     return True, "compatible: same architecture, vocabulary and tensor shapes" + note
-
-
-def _is_hub_id(ref: str) -> bool:
-    name, _ = split_revision(ref)
-    return bool(HUB_ID.match(name)) and not Path(ref).expanduser().exists()
 
 
 def _numel(shape) -> int:

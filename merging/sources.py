@@ -177,6 +177,12 @@ def model_files(ref: str, patterns: list[str], policy: SourcePolicy = SourcePoli
     return _hub_folder(ref, policy, download, list(patterns))
 
 
+def is_hub_ref(ref: str) -> bool:
+    """Whether ``ref`` names a Hub repo (``org/name[@rev]``) rather than a local folder, a
+    ``BASE+ADAPTER`` pair or an endpoint."""
+    return isinstance(ref, str) and not is_endpoint(ref) and not _looks_local(ref) and not Path(ref).expanduser().exists()
+
+
 def _looks_local(ref: str) -> bool:
     name, _ = split_revision(ref)
     return ref.startswith(("/", ".", "~")) or "\\" in ref or not HUB_ID.match(name)

@@ -35,7 +35,7 @@ import yaml
 from evaluation import registered_suites
 from merging.engine import merge
 from merging.errors import Cancelled, MergeStudioError, SourceError
-from merging.sources import HUB_ID, SourcePolicy, allowed_path, resolve_model, split_revision
+from merging.sources import SourcePolicy, allowed_path, is_hub_ref, resolve_model
 from merging.stages import final_stage, merge_stages
 from studio import recipe_form as form
 from studio.settings import Settings
@@ -190,8 +190,7 @@ def fetch_models(settings: Settings, refs: list[str], session_hash: str | None, 
     as the work that follows checks them), so the work itself reads the cache: on ZeroGPU a
     download inside a GPU call would spend the visitor's GPU time on the network. Stage names,
     local folders and endpoints are left alone; returns how many Hub models there were."""
-    hub = [ref for ref in dict.fromkeys(refs) if isinstance(ref, str) and HUB_ID.match(split_revision(ref.split("+")[0])[0])
-           and not Path(ref).expanduser().exists()]
+    hub = [ref for ref in dict.fromkeys(refs) if isinstance(ref, str) and any(map(is_hub_ref, ref.split("+")))]
     for ref in hub:
         resolve_model(ref, policy(settings, session_hash, token))
     return len(hub)
