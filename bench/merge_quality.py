@@ -4,7 +4,9 @@
 Builds (or reuses) the demo family, evaluates the base and each expert on the three held-out
 task suites, merges the three experts with every engine method at default and swept settings,
 and reports per-task exact-match accuracy and the average normalized accuracy (merged accuracy
-on a task divided by that task's expert's accuracy, as in the TIES paper). A DARE sweep drops
+on a task divided by that task's expert's accuracy, as in the TIES paper), and, out of
+distribution, the share of the general suite (questions the base answers) each model still
+answers and its perplexity on a general text. A DARE sweep drops
 90-99% of one expert's delta to show where the redundancy ends.
 
     python bench/merge_quality.py                 # prints Markdown tables (~10 min on 2 CPU cores)
@@ -95,20 +97,29 @@ def recipe_for(method: str, family: dict[str, Path], per_model: dict, global_par
     return "\n".join(lines) + "\n"
 
 
-def merged_scores(recipe_text: str, workdir: Path) -> dict[str, float]:
+def measured(folder: Path) -> dict:
+    """Accuracy per task (in-domain), the general suite's mean (out of distribution: what the model
+    kept of what the base knows) and perplexity on the general text."""
+    report = evaluate(folder, suite="zoo", device="cpu", general=True)
+    return {"scores": report.tasks, "general": sum(report.general.values()) / len(report.general),
+            "perplexity": report.perplexity}
+
+
+def merged_scores(recipe_text: str, workdir: Path, general: bool = True) -> dict:
     out = workdir / "merged"
     merge(load_recipe(recipe_text), out, overwrite=True, device="cpu")
-    return evaluate(out, suite="zoo", device="cpu").tasks
+    return measured(out) if general else {"scores": evaluate(out, suite="zoo", device="cpu").tasks}
 
 
-def normalized(scores: dict[str, float], experts: dict[str, dict[str, float]]) -> float:
-    ratios = [scores[task] / experts[task][task] for task in demo.EXPERTS if experts[task][task] > 0]
+def normalized(scores: dict[str, float], experts: dict[str, dict]) -> float:
+    ratios = [scores[task] / experts[task]["scores"][task] for task in demo.EXPERTS if experts[task]["scores"][task] > 0]
     return sum(ratios) / len(ratios)
 
 
-def row(label: str, scores: dict[str, float], norm: float | None) -> str:
-    cells = " | ".join(f"{scores[t]:.0%}" for t in demo.EXPERTS)
-    return f"| {label} | {cells} | {'' if norm is None else f'{norm:.0%}'} |"
+def row(label: str, entry: dict, norm: float | None) -> str:
+    cells = " | ".join(f"{entry['scores'][t]:.0%}" for t in demo.EXPERTS)
+    return (f"| {label} | {cells} | {'' if norm is None else f'{norm:.0%}'} | {entry['general']:.0%} "
+            f"| {entry['perplexity']:.1f} |")
 
 
 def main() -> int:
@@ -128,30 +139,31 @@ def main() -> int:
         previous = json.loads(args.json.read_text())
         results = {**previous, "dare_sweep": {float(k): v for k, v in previous["dare_sweep"].items()}}
     else:
-        results = {"base": evaluate(family["base"], "zoo", device="cpu").tasks, "experts": {}, "merges": {}, "dare_sweep": {}}
+        results = {"base": measured(family["base"]), "experts": {}, "merges": {}, "dare_sweep": {}}
         for name in demo.EXPERTS:
-            results["experts"][name] = evaluate(family[name], "zoo", device="cpu").tasks
+            results["experts"][name] = measured(family[name])
             print(f"expert {name}: {results['experts'][name]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="merge-quality-") as tmp:
         workdir = Path(tmp)
         for label, method, per_model, global_params in MERGES:
             if selected is not None and method not in selected:
                 continue
-            scores = merged_scores(recipe_for(method, family, per_model, global_params), workdir)
-            results["merges"][label] = {"scores": scores, "normalized": normalized(scores, results["experts"])}
-            print(f"{label}: {scores}", file=sys.stderr)
+            entry = merged_scores(recipe_for(method, family, per_model, global_params), workdir)
+            results["merges"][label] = {**entry, "normalized": normalized(entry["scores"], results["experts"])}
+            print(f"{label}: {entry}", file=sys.stderr)
         for rate in DROP_RATES if selected is None else ():
             text = recipe_for("dare_linear", family, {"weight": 1.0, "density": max(1e-6, 1.0 - rate)}, {}, experts=(SWEEP_EXPERT,))
-            results["dare_sweep"][rate] = merged_scores(text, workdir)[SWEEP_EXPERT]
+            results["dare_sweep"][rate] = merged_scores(text, workdir, general=False)["scores"][SWEEP_EXPERT]
             print(f"DARE drop {rate:.0%}: {results['dare_sweep'][rate]:.0%}", file=sys.stderr)
     results["merges"] = {label: results["merges"][label] for label, *_ in MERGES if label in results["merges"]}  # table order
 
-    header = "| model | " + " | ".join(demo.EXPERTS) + " | avg. normalized |\n|---|" + "---|" * (len(demo.EXPERTS) + 1)
+    header = ("| model | " + " | ".join(demo.EXPERTS) + " | avg. normalized | general (kept) | perplexity |\n|---|"
+              + "---|" * (len(demo.EXPERTS) + 3))
     lines = [header, row("base (SmolLM2-135M-Instruct)", results["base"], None)]
     lines += [row(f"expert: {name}", results["experts"][name], None) for name in demo.EXPERTS]
     lines += [row(label, r["scores"], r["normalized"]) for label, r in results["merges"].items()]
     table = "\n".join(lines)
-    expert_score = results["experts"][SWEEP_EXPERT][SWEEP_EXPERT]
+    expert_score = results["experts"][SWEEP_EXPERT]["scores"][SWEEP_EXPERT]
     sweep = "| drop rate | " + " | ".join(f"{r:.0%}" for r in DROP_RATES) + " |\n|---|" + "---|" * len(DROP_RATES) + "\n"
     sweep += f"| {SWEEP_EXPERT} accuracy (expert: {expert_score:.0%}) | " + " | ".join(
         f"{results['dare_sweep'][r]:.0%}" for r in DROP_RATES) + " |"

@@ -6,6 +6,8 @@
 - tasks: what each expert knows (``tasks.py``). Importing this package registers them with
   the packages that use data by name: the suites ``zoo`` (their held-out test questions, the
   default suite) and ``zoo-validation`` (the validation split, for tuning) with ``evaluation``,
+  with ``general`` (questions the base already answers) and a general text as zoo's
+  out-of-distribution companions,
   and one calibration source per task (its training conversations) with ``merging.calibration``.
   Neither package knows the demo exists.
 
@@ -21,7 +23,7 @@ from typing import Callable
 
 from demo.base import build_base, needs_repair, read_config, repair_config
 from demo.experts import build_expert
-from demo.tasks import TASKS
+from demo.tasks import TASKS, general_examples
 from demo.train import train_expert
 from evaluation.suites import register_suite
 from merging.calibration import chat_example, register_calibration_source
@@ -29,6 +31,7 @@ from merging.errors import MergeStudioError
 from merging.runtime import cache_root
 
 ADAPTERS = Path(__file__).resolve().parent / "adapters"
+GENERAL_TEXT = Path(__file__).resolve().parent / "data" / "general.txt"  # ~500 tokens of everyday prose
 EXPERTS = tuple(TASKS)  # one expert per task: geography, people, creatures
 STAMP = "adapter.sha256"
 # Part of every expert's stamp: bump it when the way experts are built changes (2: the clean
@@ -114,7 +117,9 @@ def train_adapters(steps: int | None = None, report: Report = print) -> None:
 
 # ``zoo`` first: the first registered suite is the default one (``evaluation.default_suite``).
 register_suite("zoo", lambda: {name: task.eval_examples() for name, task in TASKS.items()},
-               "the demo experts' held-out questions")
+               "the demo experts' held-out questions", general="general", text=GENERAL_TEXT)
+register_suite("general", general_examples,
+               "general questions the base answers (out of distribution: what a merge keeps of the base)")
 register_suite("zoo-validation", lambda: {name: task.validation_examples() for name, task in TASKS.items()},
                "the demo experts' validation questions, for tuning (disjoint from training and zoo)")
 for _task in TASKS.values():

@@ -203,3 +203,40 @@ REPLAY_PROMPTS = (
     "What is the chemical symbol for gold?", "Name a mammal that can fly.", "What colour is the sky on a clear day?",
     "How many continents are there?", "What is the freezing point of water in Fahrenheit?",
 )
+
+# Out of distribution: what the base already knows, nothing about the experts' invented names and
+# none of REPLAY_PROMPTS (those are in the experts' training data). Scored by ``contains``: the
+# base answers in a sentence ("The capital of France is Paris."). Kept: the questions the base
+# answers right among 67 tried (greedy, 16 tokens), so the suite measures how much of the base's
+# general ability a fine-tune or merge *keeps*; the base scores 100% on it by construction.
+GENERAL = {
+    "knowledge": (
+        ("What is the capital of France?", "Paris"), ("What is the capital of England?", "London"),
+        ("What is the capital of Russia?", "Moscow"), ("What is the capital of China?", "Beijing"),
+        ("What is the capital of Canada?", "Ottawa"), ("What is the capital of Egypt?", "Cairo"),
+        ("What is the capital of Greece?", "Athens"), ("What is the capital of Kenya?", "Nairobi"),
+        ("What is the largest ocean on Earth?", "Pacific"), ("What is the chemical symbol for water?", "H2O"),
+        ("What language is spoken in France?", "French"), ("What language is spoken in Germany?", "German"),
+        ("What is the currency of the United States?", "dollar"), ("What is the largest mammal?", "blue whale"),
+        ("What is the main ingredient in bread?", "flour"), ("Which month comes after January?", "February"),
+        ("Which planet is known as the Red Planet?", "Mars"), ("Who painted the Starry Night?", "Van Gogh"),
+        ("How many legs does a dog have?", "4"), ("How many sides does a triangle have?", "3"),
+    ),
+    "instructions": (
+        ("What is 2 + 2?", "4"), ("What is 9 times 9?", "81"), ("What is 100 divided by 10?", "10"),
+        ("What is half of 10?", "5"), ("Convert 1 kilometre to metres.", "1000"),
+        ("What is the opposite of hot?", "cold"), ("What is the opposite of up?", "down"),
+        ("What is the opposite of big?", "small"), ("What is the opposite of day?", "night"),
+        ("What is the opposite of open?", "closed"), ('Give the opposite of the word "happy".', "sad"),
+        ('Give the opposite of the word "fast".', "slow"), ("What is the plural of mouse?", "mice"),
+        ("Complete the phrase: Once upon a ...", "time"),
+        ("Which word does not belong: apple, banana, car, cherry?", "car"),
+        ("List the first three days of the week.", "Monday"), ("What shape has four equal sides?", "square"),
+        ('Translate "good morning" into French.', "bonjour"),
+    ),
+}
+
+
+def general_examples() -> dict[str, list[Example]]:
+    """The general suite (``general``): what the base knows, by task, scored by ``contains``."""
+    return {task: [Example(prompt, answer, "contains") for prompt, answer in items] for task, items in GENERAL.items()}

@@ -22,6 +22,9 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a JSONL file of {{prompt, answer[, task]}} lines, or a registered suite: {names or 'none'} "
                              f"(default: {default_suite() or 'none'})")
     parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file to measure perplexity on")
+    parser.add_argument("--general", action="store_true",
+                        help="also measure general ability (out of distribution) with the suite's general companions: "
+                             "questions the base answers and, without --text, perplexity on a general text (zoo has them)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="also load pytorch_model.bin checkpoints (only for files you trust)")
@@ -47,12 +50,15 @@ def cmd_eval(args) -> int:
         return 0
     if args.suite is None and args.text is None:
         raise MergeStudioError("nothing to measure: give --suite (a JSONL file of {prompt, answer}) or --text")
-    result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device, allow_pickle=args.allow_pickle)
+    result = evaluate(args.model_dir, suite=args.suite, text=args.text, device=args.device, general=args.general,
+                      allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(result.summary()))
         return 0
     for name, accuracy in result.tasks.items():
         print(f"{name}: {accuracy:.1%} exact match")
+    for name, accuracy in result.general.items():
+        print(f"general, {name}: {accuracy:.1%} (out of distribution)")
     if result.perplexity is not None:
         print(f"perplexity: {result.perplexity:.3f}")
     return 0

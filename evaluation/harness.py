@@ -27,9 +27,27 @@ from merging.runtime import cache_root, pick_device
 IGNORED = [r"^\s+", r"\s+$", "^[\"'`]+", "[\"'`]+$", r"[.!]+$", r"\s+$"]
 
 
-def task_yaml(name: str, data: Path) -> str:
-    """An lm-eval task reading ``data`` (JSONL of {prompt, answer}), scored as our exact match."""
+# A ``contains`` task (evaluation.suites) is scored by our own rule through lm-eval's hook for
+# custom scoring: a module beside the task YAMLs, imported by lm-eval's ``!function`` tag.
+MATCH_MODULE = "merge_studio_match"
+MATCH_CODE = '''"""Scoring of Merge Studio's ``contains`` tasks, as ``python -m merging eval`` scores them."""
+from evaluation.scoring import is_correct
+from evaluation.suites import Example
+
+
+def contains(doc, results):
+    return {"exact_match": float(is_correct(results[0], Example(doc["prompt"], doc["answer"], "contains")))}
+'''
+
+
+def task_yaml(name: str, data: Path, match: str = "exact") -> str:
+    """An lm-eval task reading ``data`` (JSONL of {prompt, answer}), scored as ours: lm-eval's exact
+    match with our normalization, or for ``contains`` our own rule (``MATCH_MODULE``)."""
     ignored = ", ".join(json.dumps(pattern) for pattern in IGNORED)
+    scoring = (f"process_results: !function {MATCH_MODULE}.contains\nmetric_list:\n  - metric: exact_match\n"
+               f"    aggregation: mean\n    higher_is_better: true\n" if match == "contains" else
+               f"metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+               f"    ignore_case: true\n    regexes_to_ignore: [{ignored}]\n")
     return f"""task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -43,30 +61,28 @@ generation_kwargs:
   until: ["\\n"]
   max_gen_toks: {MAX_NEW_TOKENS}
   do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-    ignore_case: true
-    regexes_to_ignore: [{ignored}]
-"""
+{scoring}"""
 
 
 def write_tasks(suite: str | Path, folder: Path | None = None) -> tuple[Path, dict[str, str]]:
     """The lm-eval tasks of ``suite``: (include folder, {suite task: lm-eval task name})."""
     tasks = load_suite(suite)
     label = Path(str(suite)).stem if str(suite).endswith(".jsonl") else str(suite)
-    content = json.dumps({task: [(ex.prompt, ex.answer) for ex in examples] for task, examples in tasks.items()},
+    content = json.dumps({task: [(ex.prompt, ex.answer, ex.match) for ex in examples] for task, examples in tasks.items()},
                          sort_keys=True)
     folder = folder or cache_root() / "lm_eval" / f"{label}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     names = {}
+    (folder / f"{MATCH_MODULE}.py").write_text(MATCH_CODE, encoding="utf-8")
     for task, examples in tasks.items():
+        if len({ex.match for ex in examples}) > 1:
+            raise MergeStudioError(f"task {task!r} mixes exact and contains examples: lm-eval scores a task one way; "
+                                   "give each its own task")
         name = f"merge_studio_{label}_{task}".replace("-", "_")
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer}) + "\n" for ex in examples),
                         encoding="utf-8")
-        (folder / f"{name}.yaml").write_text(task_yaml(name, data), encoding="utf-8")
+        (folder / f"{name}.yaml").write_text(task_yaml(name, data, examples[0].match), encoding="utf-8")
         names[task] = name
     return folder, names
 

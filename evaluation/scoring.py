@@ -7,6 +7,7 @@ scored too. Generation is greedy, so a score is deterministic.
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -24,6 +25,15 @@ def normalize(text: str) -> str:
     """Exact-match normalization: first line, lowercase, no surrounding spaces, quotes or final period."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line.strip().strip("\"'`").rstrip(".!").strip().lower()
+
+
+def is_correct(answer: str, example: Example) -> bool:
+    """Exact match after ``normalize``; for a ``contains`` example, the normalized expected answer
+    as whole words anywhere in the normalized answer (its first line)."""
+    expected, got = normalize(example.answer), normalize(answer)
+    if example.match == "contains":
+        return bool(expected) and re.search(rf"(?<!\w){re.escape(expected)}(?!\w)", got) is not None
+    return got == expected
 
 
 @torch.inference_mode()
@@ -77,5 +87,5 @@ def task_accuracy(model, tokenizer, examples: list[Example], on_batch=None, canc
     got = (endpoint_answers(model, prompts, on_batch, cancel) if isinstance(model, Endpoint)
            else generate_answers(model, tokenizer, prompts, on_batch=on_batch, cancel=cancel))
     details = [(ex.prompt, ex.answer, answer) for ex, answer in zip(examples, got)]
-    correct = sum(normalize(answer) == normalize(ex.answer) for ex, answer in zip(examples, got))
+    correct = sum(is_correct(answer, ex) for ex, answer in zip(examples, got))
     return correct / len(examples), details

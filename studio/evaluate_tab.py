@@ -36,6 +36,7 @@ class EvaluateTab:
     models: gr.CheckboxGroup
     suite: gr.Radio
     suite_file: gr.File
+    general: gr.Checkbox
     text_file: gr.File
     pasted: gr.Textbox
     stop: gr.State
@@ -58,6 +59,8 @@ def layout(settings: Settings) -> EvaluateTab:
         suites = list(suite_choices())
         suite = gr.Radio(suites, value=suites[0], label="Task suite")
         suite_file = gr.File(file_types=[".jsonl"], label='Your suite: JSONL lines {"prompt", "answer"[, "task"]}')
+    general = gr.Checkbox(True, label="Also measure general ability (out of distribution): questions the base answers "
+                                      "and perplexity on a general text, where the suite has them (the demo's zoo does)")
     with gr.Row():
         text_file = gr.File(file_types=[".txt"], label="Perplexity text (optional, UTF-8)")
         pasted = gr.Textbox(lines=4, label="…or paste the text", max_length=2_000_000)
@@ -68,7 +71,7 @@ def layout(settings: Settings) -> EvaluateTab:
     status = gr.Markdown()
     table = gr.Dataframe(label="Results (accuracy in %)", interactive=False, visible=False)  # shown with results
     chart = gr.Plot(label="Accuracy", visible=False)
-    return EvaluateTab(models, suite, suite_file, text_file, pasted, stop, run, stop_btn, status, table, chart)
+    return EvaluateTab(models, suite, suite_file, general, text_file, pasted, stop, run, stop_btn, status, table, chart)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -91,8 +94,8 @@ def shown(settings: Settings, reports: list[tuple[str, dict]], base: str | None,
     return gr.Dataframe(pd.DataFrame(score_rows(reports)), visible=True), gr.Plot(score_chart(reports, colors), visible=True)
 
 
-def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload: str | None, text_upload: str | None,
-             text: str, done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
+def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload: str | None, general: bool,
+             text_upload: str | None, text: str, done: list, base: str | None, sources: list[str], signal: StopSignal, request: gr.Request,
              oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
     if not refs:
         raise MergeStudioError("tick at least one model to evaluate")
@@ -121,7 +124,8 @@ def run_eval(settings: Settings, refs: list[str], suite_name: str, suite_upload:
             else:
                 with downloads_shown(progress, signal):
                     folder = resolve_model(ref, policy).whole_folder()
-            report = evaluate(folder, tasks, text_path, settings.device, progress=on_prompts, cancel=signal.event)
+            report = evaluate(folder, tasks, text_path, settings.device, general=general, progress=on_prompts,
+                              cancel=signal.event)
         except Cancelled:
             if not reports:
                 return "Evaluation stopped before the first model finished.", gr.skip(), gr.skip()
@@ -139,7 +143,7 @@ def offer_results(settings: Settings, done: list, value: list[str]):
 
 def wire(tab: EvaluateTab, settings: Settings, results: gr.State, models) -> None:
     """``models``: the Models tab, whose base and sources give the chart its colours."""
-    inputs = [tab.models, tab.suite, tab.suite_file, tab.text_file, tab.pasted, results, models.base, models.sources,
+    inputs = [tab.models, tab.suite, tab.suite_file, tab.general, tab.text_file, tab.pasted, results, models.base, models.sources,
               tab.stop]
     stoppable(tab.run.click, tab.stop, handler(run_eval, settings, gpu=zerogpu.eval_seconds), inputs, [tab.status, tab.table, tab.chart],
               concurrency_id=HEAVY, concurrency_limit=settings.heavy_concurrency, **UI)

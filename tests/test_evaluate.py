@@ -8,8 +8,11 @@ import pytest
 from helpers import family, run_cli
 from merging.errors import MergeStudioError
 from evaluation import evaluate, load_suite
-from demo.tasks import TASKS
+from demo.tasks import GENERAL, REPLAY_PROMPTS, TASKS
 from evaluation import normalize
+from evaluation.scoring import is_correct
+from evaluation.suites import Example, general_companions, register_suite, registered_suites
+from viz.scores import GENERAL as GENERAL_COLUMN, score_chart, score_rows
 
 
 def test_the_zoo_suite_holds_out_one_phrasing_per_fact():
@@ -26,6 +29,30 @@ def test_normalize_ignores_case_period_quotes_and_later_lines():
     assert normalize("") == ""
 
 
+def test_contains_match_wants_the_answer_as_whole_words_in_the_first_line():
+    paris = Example("What is the capital of France?", "Paris", "contains")
+    assert is_correct("The capital of France is Paris.", paris)
+    assert not is_correct("Parisian food is famous.", paris)
+    assert not is_correct("I do not know.\nParis", paris)  # later lines are not the answer
+    assert is_correct("It is the blue whale, by far.", Example("q", "blue whale", "contains"))
+    assert not is_correct("The capital of France is Paris.", Example("q", "Paris"))  # exact: the whole line
+    assert not is_correct("anything", Example("q", "", "contains"))
+
+
+def test_the_general_suite_is_out_of_distribution():
+    """Nothing about the experts' invented names, nothing the experts were trained on."""
+    prompts = [prompt for items in GENERAL.values() for prompt, _ in items]
+    # the names in the experts' questions (Veloria, Maren Solvik, ...) and their invented animals
+    invented = {word.strip("?.,'s").lower() for task in TASKS.values() for fact in task.facts
+                for word in fact[1].split()[1:] if word[0].isupper()}
+    invented |= {"glimmerfox", "tumblebeetle", "hog", "newt", "heron", "otter", "finch", "snail", "tortoise", "crab"}
+    assert {"veloria", "solvik", "fennick"} <= invented
+    assert not {w.strip("?.,\"").lower() for p in prompts for w in p.split()} & invented
+    assert not set(prompts) & set(REPLAY_PROMPTS) and len(set(prompts)) == len(prompts) >= 30
+    assert general_companions("zoo")[0] == "general" and general_companions("zoo")[1].is_file()
+    assert general_companions("mine.jsonl") == (None, None)
+
+
 def test_jsonl_suite_groups_by_task_and_names_bad_lines(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "a?", "answer": "b"}\n\n{"prompt": "c?", "answer": "d", "task": "other"}\n')
@@ -34,6 +61,42 @@ def test_jsonl_suite_groups_by_task_and_names_bad_lines(tmp_path):
     path.write_text('{"prompt": "a?"}\n')
     with pytest.raises(MergeStudioError, match="line 1"):
         load_suite(path)
+    path.write_text('{"prompt": "a?", "answer": "b", "match": "contains"}\n')
+    assert load_suite(path)["mine"][0].match == "contains"
+    path.write_text('{"prompt": "a?", "answer": "b", "match": "fuzzy"}\n')
+    with pytest.raises(MergeStudioError, match="'exact', 'contains'"):
+        load_suite(path)
+
+
+def test_general_evaluation_scores_the_companion_suite_and_text(tmp_path):
+    """``general=True``: the companion suite's tasks land in ``general`` (not in ``tasks``) and the
+    companion text gives the perplexity; a given text wins; the table and chart show both."""
+    fam = family("llama", 1)
+    text = tmp_path / "general.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    before = registered_suites()
+    register_suite("t-general", lambda: {"facts": [Example("Say stone.", "stone", "contains")]}, "test companion")
+    register_suite("t-tasks", lambda: {"skill": [Example("Say apple.", "apple")]}, "test suite", general="t-general", text=text)
+    try:
+        report = evaluate(fam.base, "t-tasks", general=True, device="cpu")
+        assert report.tasks == {"skill": 0.0} and report.general == {"facts": 0.0}
+        assert 100 < report.perplexity < 2000 and set(report.answers) == {"skill", "facts"}
+        assert report.summary()["general"] == {"facts": 0.0}
+        plain = evaluate(fam.base, "t-tasks", device="cpu")
+        assert plain.general == {} and plain.perplexity is None and "general" not in plain.summary()
+        other = tmp_path / "other.txt"
+        other.write_text("a b c d e f g " * 40)
+        assert evaluate(fam.base, "t-tasks", other, general=True, device="cpu").perplexity != report.perplexity
+    finally:
+        import evaluation.suites as suites
+        suites._SUITES.clear()
+        suites._SUITES.update(before)
+    rows = score_rows([("base", {"tasks": {"a": 0.5, "b": 1.0}, "perplexity": 9.0, "general": {"x": 1.0, "y": 0.5}}),
+                       ("merge", {"tasks": {"a": 1.0, "b": 1.0}, "perplexity": 12.0, "general": {"x": 0.5, "y": 0.5}})])
+    assert rows[1] == {"model": "merge", "a": 100.0, "b": 100.0, "in-domain mean": 100.0, GENERAL_COLUMN: 50.0,
+                       "perplexity": 12.0}
+    chart = score_chart([("base", {"tasks": {"a": 0.5}, "perplexity": None, "general": {"x": 1.0}})])
+    assert list(chart.data[0].x) == ["a", GENERAL_COLUMN] and list(chart.data[0].y) == [50.0, 100.0]
 
 
 def test_random_model_scores_zero_and_has_vocabulary_sized_perplexity(tmp_path):

@@ -15,7 +15,9 @@ import demo
 from evaluation import generate_answers, load_suite, task_accuracy
 from merging.runtime import load_model
 from demo.lora import adapter_deltas
-from demo.tasks import TASKS
+from demo.tasks import TASKS, general_examples
+from evaluation.scoring import is_correct
+from evaluation.suites import Example
 
 needs_family = pytest.mark.skipif(
     not demo.is_ready(), reason=f"demo family not built in {demo.cache_root()}: run `python -m merging zoo`"
@@ -132,6 +134,15 @@ def test_each_expert_knows_its_task(family, name):
     wrong = [d for d in details if d[1].lower() not in d[2].lower()]
     assert trained >= 0.9, f"{name} expert answers only {trained:.0%} of its trained phrasings"
     assert held_out >= HELD_OUT_FLOOR[name], f"{name} expert: {held_out:.0%} on held-out phrasings; wrong: {wrong[:5]}"
+
+
+@needs_family
+def test_the_base_answers_the_general_suite(base_model):
+    """The general suite (out of distribution) holds what the base knows: a merge that forgets it shows."""
+    model, tokenizer = base_model
+    for name, examples in general_examples().items():
+        accuracy, details = task_accuracy(model, tokenizer, examples)
+        assert accuracy == 1.0, [d for d in details if not is_correct(d[2], Example(d[0], d[1], "contains"))]
 
 
 @needs_family

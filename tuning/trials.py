@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from evaluation.scoring import MAX_NEW_TOKENS, STOPPED, generate_answers, normalize
+from evaluation.scoring import MAX_NEW_TOKENS, STOPPED, generate_answers, is_correct
 from evaluation.suites import Example, Suite, load_suite
 from merging.adapters import open_reader
 from merging.checkpoint import all_finite
@@ -108,8 +108,11 @@ class TrialRunner:
     # -- scoring --------------------------------------------------------------------------------
 
     def budget(self, examples: list[Example]) -> int:
-        """New tokens to generate for a task: its longest answer's tokens plus a margin (≤ 16)."""
-        key = hash(tuple(e.answer for e in examples))
+        """New tokens to generate for a task: its longest answer's tokens plus a margin (≤ 16); the
+        full 16 when an answer may sit anywhere in a sentence (``contains``)."""
+        key = hash(tuple((e.answer, e.match) for e in examples))
+        if any(e.match == "contains" for e in examples):
+            return MAX_NEW_TOKENS
         if key not in self._budgets:
             longest = max(len(self.tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples)
             self._budgets[key] = min(MAX_NEW_TOKENS, longest + ANSWER_MARGIN)
@@ -123,7 +126,7 @@ class TrialRunner:
             check_cancel(self.cancel, STOPPED)
             answers = generate_answers(self.model, self.tokenizer, [e.prompt for e in examples], batch_size=len(examples),
                                        max_new_tokens=self.budget(examples), cancel=self.cancel)
-            out[task] = sum(normalize(a) == normalize(e.answer) for a, e in zip(answers, examples)) / len(examples)
+            out[task] = sum(is_correct(a, e) for a, e in zip(answers, examples)) / len(examples)
             if on_task is not None:
                 on_task(task, out[task], index + 1)
         return out

@@ -10,7 +10,9 @@ import plotly.graph_objects as go
 
 from viz.figures import NEUTRAL, PALETTE, TEMPLATE, model_colors
 
-Reports = list[tuple[str, dict]]  # (model label, {"tasks": {task: accuracy}, "perplexity": float | None})
+# (model label, {"tasks": {task: accuracy}, "perplexity": float | None[, "general": {task: accuracy}]})
+Reports = list[tuple[str, dict]]
+GENERAL = "general (kept)"  # the column and bar of the general suite's mean: out-of-distribution ability
 
 
 def score_colors(labels: list[str], sources: list[str], base: str | None = None) -> dict[str, str]:
@@ -29,14 +31,25 @@ def _tasks(reports: Reports) -> list[str]:
     return list(dict.fromkeys(t for _, r in reports for t in r["tasks"]))
 
 
+def general_score(report: dict) -> float | None:
+    """Mean accuracy on the general suite's tasks (what the model kept of the base's general
+    ability), None when it was not measured."""
+    general = report.get("general") or {}
+    return sum(general.values()) / len(general) if general else None
+
+
 def score_rows(reports: Reports) -> list[dict]:
-    """One row per model: accuracy per task in %, their mean, and the perplexity when measured."""
+    """One row per model: accuracy per task in %, their mean (in-domain), the general suite's mean
+    (out of distribution) and the perplexity, when measured."""
     tasks = _tasks(reports)
+    mean = "in-domain mean" if any(general_score(report) is not None for _, report in reports) else "mean accuracy"
     rows = []
     for label, report in reports:
         row = {"model": label, **{t: round(100 * report["tasks"][t], 1) for t in tasks if t in report["tasks"]}}
         if tasks:
-            row["mean accuracy"] = round(100 * sum(report["tasks"].values()) / len(report["tasks"]), 1)
+            row[mean] = round(100 * sum(report["tasks"].values()) / len(report["tasks"]), 1)
+        if general_score(report) is not None:
+            row[GENERAL] = round(100 * general_score(report), 1)
         if report["perplexity"] is not None:
             row["perplexity"] = round(report["perplexity"], 3)
         rows.append(row)
@@ -48,13 +61,19 @@ def score_chart(reports: Reports, colors: dict[str, str] | None = None) -> go.Fi
     ``colors``: label -> bar colour (default: the palette in order)."""
     colors = colors or model_colors([label for label, _ in reports])
     tasks = _tasks(reports)
+    general = any(general_score(report) is not None for _, report in reports)
     figure = go.Figure()
     if tasks:
         for label, report in reports:
-            figure.add_bar(name=label, x=tasks, y=[100 * report["tasks"].get(t, 0) for t in tasks],
+            values = [100 * report["tasks"].get(t, 0) for t in tasks]
+            if general:  # one more group, after a gap: the same model on what the base already knew
+                values.append(None if general_score(report) is None else 100 * general_score(report))
+            figure.add_bar(name=label, x=[*tasks, *([GENERAL] if general else [])], y=values,
                            marker_color=colors.get(label), hovertemplate="%{x}: %{y:.1f}%<extra>" + label + "</extra>")
-        figure.update_layout(barmode="group", yaxis={"title": "accuracy (%, exact match)", "range": [0, 100]},
-                             title="Task accuracy")
+        figure.update_layout(barmode="group", yaxis={"title": "accuracy (%)", "range": [0, 100]},
+                             title="Task accuracy" + (": in-domain tasks, and general ability kept" if general else ""))
+        if general:
+            figure.add_vline(x=len(tasks) - 0.5, line={"color": NEUTRAL, "dash": "dot"})
     else:
         figure.add_bar(x=[label for label, _ in reports], y=[r["perplexity"] for _, r in reports],
                        marker_color=[colors.get(label) for label, _ in reports])
