@@ -11,7 +11,7 @@ from pathlib import Path
 import grimp
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("studio", "chat", "viz", "demo", "tuning", "evaluation", "merging")
+PACKAGES = ("studio", "guide", "chat", "viz", "demo", "tuning", "evaluation", "merging")
 
 
 def test_the_layer_contracts_hold():

@@ -124,7 +124,7 @@ EXPLANATIONS = {
     ),
 }
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: Inter, Helvetica, Arial, sans-serif; color: #222; margin: 0; background: #fafafa; }
 main { max-width: 1150px; margin: 0 auto; padding: 24px 28px 60px; background: white; }
 h1 { font-size: 26px; margin: 8px 0 4px; } h2 { font-size: 20px; margin: 40px 0 6px; border-top: 1px solid #ddd; padding-top: 20px; }
@@ -250,6 +250,12 @@ def _findings(stats: RedundancyStats, sweep: SweepResult | None) -> list[str]:
     return [*findings(stats), *(html.escape(line) for line in sweep.summary())]
 
 
+def figure_div(figure, div_id: str) -> str:
+    """A figure as a ``<div>`` for a page that inlines plotly.js once in its head (``get_plotlyjs``)."""
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+
+
 def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str:
     """The whole report as one HTML document, plotly.js inlined once."""
     figures = all_figures(stats, sweep)
@@ -260,8 +266,7 @@ def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str
         if name == "sweep" and sweep is not None:
             lines = "".join(f"<li>{html.escape(line)}</li>" for line in sweep.summary())
             extra = f"<div class='finding'><b>Where it breaks</b><ul>{lines}</ul></div>"
-        div = pio.to_html(figure, include_plotlyjs=False, full_html=False, div_id=f"figure-{name}",
-                          config={"displaylogo": False, "responsive": True})
+        div = figure_div(figure, f"figure-{name}")
         sections.append(
             f"<section id='{name}'><h2>{html.escape(title)}</h2><p><b>What it shows.</b> {html.escape(what)}</p>"
             f"<p><b>How to read it.</b> {html.escape(how)}</p>{extra}{div}</section>"
@@ -273,7 +278,7 @@ def render_html(stats: RedundancyStats, sweep: SweepResult | None = None) -> str
     findings = "".join(f"<li>{line}</li>" for line in _findings(stats, sweep))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Merge Studio: redundancy report</title><style>{_CSS}</style>
+<title>Merge Studio: redundancy report</title><style>{PAGE_CSS}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
 <body><main>
 <h1>Why merging works: redundancy of the task vectors</h1>
