@@ -35,7 +35,8 @@ class Output:
 class Cell:
     """One step of the argument: ``title``, ``text`` (Markdown with its formula), and ``run(context)``
     computing its ``Output``. ``inputs`` is what its result depends on besides the demo family
-    (recipes, grids): a change re-runs it. Bump ``version`` when its computation changes."""
+    (recipes, grids): a change re-runs it. Bump ``version`` when its computation changes.
+    ``figures`` and ``tables``: how many of each its output has."""
 
     key: str
     title: str
@@ -43,3 +44,5 @@ class Cell:
     run: Callable[..., Output]
     inputs: dict = field(default_factory=dict)
     version: int = 1
+    figures: int = 1  # how many figures and tables its output has (a page lays out their places first)
+    tables: int = 1

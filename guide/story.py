@@ -11,6 +11,8 @@ Every number comes from a real merge by the engine and a real evaluation (``guid
 
 from __future__ import annotations
 
+import json
+
 import torch
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -117,7 +119,10 @@ def run_deltas(context: Context) -> Output:
     def on_point(done: int, total: int, what: str) -> None:
         context.progress(0.2 + 0.8 * done / total, f"DARE sweep: {what}")
 
-    sweep = dare_sweep(family["base"], family[SWEPT], rates=DROP_RATES, suite="zoo", device=context.device,
+    suite = context.work() / f"{SWEPT}.jsonl"  # the expert's own task only: what its task vector adds
+    suite.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "task": SWEPT}) + "\n"
+                             for ex in TASKS[SWEPT].eval_examples()), encoding="utf-8")
+    sweep = dare_sweep(family["base"], family[SWEPT], rates=DROP_RATES, suite=suite, device=context.device,
                        label=EXPERT_LABELS[SWEPT], progress=on_point, cancel=context.cancel,
                        workdir=context.work())
     relative = {label: delta.relative_norm for label, delta in stats.model.deltas.items()}
@@ -202,7 +207,7 @@ def ties_steps(deltas: list[torch.Tensor], density: float) -> dict[str, list[tor
     entries that agree with it (the disjoint mean)."""
     trimmed = []
     for delta in deltas:
-        k = max(1, round(density * delta.numel()))
+        k = max(1, int(density * delta.numel()))  # as mergekit and the engine count it: rounded down
         threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
         trimmed.append(torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta)))
     stack = torch.stack(trimmed)
@@ -326,13 +331,13 @@ CELLS = [
         "cannot know: an invented country (*geography*), invented people (*people*) and invented animals "
         "(*creatures*). Every fact is asked in a phrasing no model was trained on. A fourth column asks "
         "**general questions the base already answers** (out of distribution), and perplexity is measured on a "
-        "general text: what a model *kept* beside what it *learned*."), run_family),
+        "general text: what a model *kept* beside what it *learned*."), run_family, tables=2),
     Cell("deltas", "2. Delta parameters are redundant (DARE)", (
         "Fine-tuning moves each weight by a task vector **δ = θ_expert − θ_base**. DARE (Yu et al., 2024) drops "
         "each entry with probability p and rescales the rest: **θ = θ_base + m ⊙ δ / (1 − p)**, m ~ Bernoulli(1 − p). "
         "If most of δ can go, experts can share one model. Below: how large the changes are, how concentrated, "
         "and the geography expert rebuilt with 0–99% of δ dropped at random (rescaled) or trimmed by magnitude "
-        "(no rescale)."), run_deltas, {"rates": DROP_RATES, "expert": SWEPT}),
+        "(no rescale)."), run_deltas, {"rates": DROP_RATES, "expert": SWEPT}, version=2, figures=3, tables=0),
     Cell("averaging", "3. Simple averaging, then Fisher-weighted averaging", (
         "The oldest merge: **θ = (1/n) Σ θᵢ** (model soups). Fisher merging (Matena & Raffel, 2022) weights each "
         "parameter by how much each expert's likelihood depends on it: **θ = Σ Fᵢ ⊙ θᵢ / Σ Fᵢ**, Fᵢ the diagonal "
@@ -353,7 +358,7 @@ CELLS = [
         f"{TIES_DENSITY:.0%} of magnitudes, **elect** a sign per entry, γ = sign(Σ trimmed δᵢ), and **merge** only "
         "the entries that agree with it: δ = mean over {i : sign(δᵢ) = γ} of δᵢ. First on a small block of real "
         "task vectors (trimmed within the block, for the picture), then the whole model."), run_ties,
-        {"recipe": TIES.identity(), "tensor": SLICE_TENSOR, "slice": SLICE}),
+        {"recipe": TIES.identity(), "tensor": SLICE_TENSOR, "slice": SLICE}, figures=2),
     Cell("table", "7. In-domain against out-of-distribution: every model", (
         "One table for the base, the experts and every merge above: accuracy on each expert's task, the average "
         "normalized accuracy (merged ÷ expert, the TIES paper's measure), the share of the general questions "
@@ -364,5 +369,5 @@ CELLS = [
         "Two methods of the last two years that no other tool offers for language models: **TSV-M** (Gargiulo et al., "
         "2025) keeps each task's top singular directions and orthogonalizes them across tasks; **RegMean++** "
         "(2025) fits each layer to the inputs the *merged* earlier layers produce. Then the best merge answers the "
-        "experts' questions beside them."), run_newest, {"recipes": [TSV.identity(), REGMEAN_PP.identity()]}),
+        "experts' questions beside them."), run_newest, {"recipes": [TSV.identity(), REGMEAN_PP.identity()]}, tables=2),
 ]

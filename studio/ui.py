@@ -1,20 +1,23 @@
-"""The studio's Blocks: the seven tabs in the order a person works, and the scripting API."""
+"""The studio's Blocks: the Guide (the story, runnable), then the seven tabs in the order a person
+works, and the scripting API."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from chat import ModelPool
-from studio import (api, chat_tab, evaluate_tab, export_tab, merge_tab, models_tab, redundancy_tab, session,
-                    tune_tab, zerogpu)
+from studio import (api, chat_tab, evaluate_tab, export_tab, guide_tab, merge_tab, models_tab, redundancy_tab,
+                    session, tune_tab, zerogpu)
 from studio.settings import Settings
 
 CSS = """
 #merge-summary code { word-break: break-all; }
 .gradio-container { max-width: 1500px !important; }
 #models-table { --font-mono: var(--font); }  /* prose, not code: whole words in the headers, a real ✓ */
+.guide-cell { padding: 14px 18px !important; margin: 10px 0 !important; }
+.guide-summary { border-left: 4px solid #0072B2; padding-left: 12px; }
 """
-TABS = ("Models", "Merge", "Tune", "Redundancy", "Chat", "Evaluate", "Export")
+TABS = ("Guide", "Models", "Merge", "Tune", "Redundancy", "Chat", "Evaluate", "Export")
 
 
 def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
@@ -33,6 +36,8 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
                 with gr.Column(scale=0, min_width=240):
                     gr.LoginButton(size="md")
         with gr.Tabs() as tabs:
+            with gr.Tab("Guide", id="guide"):
+                guide_tab.build(settings, demo)
             with gr.Tab("Models"):
                 models = models_tab.build(settings, demo)
             with gr.Tab("Merge", id="merge"):

@@ -1,0 +1,145 @@
+"""Guide tab: the argument for merging as a notebook of cells (``guide``), each with its Run button,
+progress and output; "Run all" runs them in order. Outputs are cached on disk for everyone: a
+visitor opening the tab sees every cell that ever ran, at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from guide import Notebook, Output
+from guide.cells import Cell
+from studio import zerogpu
+from studio.common import HEAVY, INSTANT, UI, handler, served_dir, stop_button, stoppable
+from studio.session import StopSignal
+from studio.settings import Settings
+
+INTRO = ("**Why merging works, on a real model.** Each cell below explains one step of the argument with its formula "
+         "and runs it on the demo family: a 135M chat model and three experts that each learned facts the base "
+         "cannot know. **Run** one cell, or **Run all** (about 5 minutes on 2 CPU cores the first time); results are "
+         "kept, so the next visitor sees them at once. Every number is a real merge and a real evaluation.")
+NOT_RUN = "*Not run yet: press Run.*"
+EXPORT = "merge-studio-guide.html"
+
+
+@dataclass
+class CellView:
+    cell: Cell
+    run: gr.Button
+    status: gr.Markdown
+    summary: gr.Markdown
+    figures: list[gr.Plot]
+    tables: list[gr.Dataframe]
+
+    def outputs(self) -> list:
+        return [self.status, self.summary, *self.figures, *self.tables]
+
+
+@dataclass
+class GuideTab:
+    run_all: gr.Button
+    stop: gr.State
+    stop_button: gr.Button
+    download: gr.Button
+    page: gr.File
+    status: gr.Markdown
+    cells: list[CellView]
+
+    def outputs(self) -> list:
+        return [component for view in self.cells for component in view.outputs()]
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+def layout(notebook: Notebook) -> GuideTab:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        run_all = gr.Button("Run all", variant="primary", scale=3, elem_id="guide-run-all")
+        stop_btn = gr.Button("Stop", variant="stop", scale=1)
+        download = gr.Button("Download this notebook (HTML)", scale=2)
+    page = gr.File(label="The notebook as one page", interactive=False, visible=False)
+    status = gr.Markdown(elem_id="guide-status")
+    views = []
+    for cell in notebook.cells.values():
+        with gr.Group(elem_id=f"guide-{cell.key}", elem_classes=["guide-cell"]):
+            gr.Markdown(f"### {cell.title}\n\n{cell.text}")
+            with gr.Row():
+                run = gr.Button("Run", size="sm", scale=0, min_width=100)
+                cell_status = gr.Markdown(NOT_RUN)
+            summary = gr.Markdown(elem_classes=["guide-summary"])
+            figures = [gr.Plot(show_label=False, visible=False) for _ in range(cell.figures)]
+            tables = [gr.Dataframe(interactive=False, visible=False, wrap=True) for _ in range(cell.tables)]
+        views.append(CellView(cell, run, cell_status, summary, figures, tables))
+    return GuideTab(run_all, gr.State(StopSignal()), stop_btn, download, page, status, views)
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+def shown(cell: Cell, output: Output | None, cached: bool) -> list:
+    """The values of a cell's outputs: status, summary, its figures, its tables."""
+    if output is None:
+        return [NOT_RUN, "", *[gr.Plot(visible=False)] * cell.figures, *[gr.Dataframe(visible=False)] * cell.tables]
+    status = "✓ from the cache" if cached else f"✓ ran in {output.seconds:.0f} s"
+    figures = [gr.Plot(figure, visible=True) for figure in output.figures][: cell.figures]
+    tables = [gr.Dataframe(pd.DataFrame(rows), label=title, visible=True) for title, rows in output.tables][: cell.tables]
+    return [status, output.summary, *figures, *tables]
+
+
+def show_cached(notebook: Notebook) -> list:
+    """Every cell's cached output (the page's first view)."""
+    return [value for cell in notebook.cells.values() for value in shown(cell, notebook.cached(cell.key), True)]
+
+
+def run_cell(notebook: Notebook, key: str, signal: StopSignal, progress=gr.Progress()) -> list:
+    cell = notebook.cell(key)
+    cached = notebook.cached(key) is not None
+    output = notebook.run(key, progress=lambda fraction, what: progress(fraction, desc=what), cancel=signal.event)
+    return shown(cell, output, cached)
+
+
+def run_all(notebook: Notebook, signal: StopSignal, progress=gr.Progress()):
+    """Every cell in order; each cell's output appears as soon as it is done."""
+    values = show_cached(notebook)
+    cells = list(notebook.cells.values())
+    offsets = [0]
+    for cell in cells:
+        offsets.append(offsets[-1] + 2 + cell.figures + cell.tables)
+    for index, cell in enumerate(cells):
+        cached = notebook.cached(cell.key) is not None
+
+        def within(fraction: float, what: str, index: int = index) -> None:
+            progress((index + fraction) / len(cells), desc=what)
+
+        output = notebook.run(cell.key, progress=within, cancel=signal.event)
+        values[offsets[index]:offsets[index + 1]] = shown(cell, output, cached)
+        yield [f"Ran {index + 1} of {len(cells)} cells.", *values]
+    yield [f"All {len(cells)} cells ran.", *values]
+
+
+def download_page(notebook: Notebook) -> gr.File:
+    path = notebook.export(served_dir("guide") / EXPORT)
+    return gr.File(str(path), visible=True)
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def wire(tab: GuideTab, settings: Settings, notebook: Notebook, demo: gr.Blocks) -> None:
+    heavy = {"concurrency_id": HEAVY, "concurrency_limit": settings.heavy_concurrency, **UI}
+    for view in tab.cells:
+        stoppable(view.run.click, tab.stop,
+                  handler(run_cell, notebook, view.cell.key, gpu=zerogpu.guide_seconds), [tab.stop], view.outputs(),
+                  **heavy)
+    stoppable(tab.run_all.click, tab.stop, handler(run_all, notebook, gpu=zerogpu.guide_seconds), [tab.stop],
+              [tab.status, *tab.outputs()], **heavy)
+    stop_button(tab.stop_button, tab.stop)
+    tab.download.click(handler(download_page, notebook), None, [tab.page], **UI)
+    demo.load(handler(show_cached, notebook), None, tab.outputs(), **INSTANT)
+
+
+def build(settings: Settings, demo: gr.Blocks) -> GuideTab:
+    notebook = Notebook(device=settings.device if settings.device != "auto" else "cpu")
+    tab = layout(notebook)
+    wire(tab, settings, notebook, demo)
+    return tab
