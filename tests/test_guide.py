@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
@@ -19,6 +20,8 @@ from helpers import family
 from merging.checkpoint import CheckpointReader
 from merging.engine import merge
 from merging.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -133,3 +136,15 @@ def test_the_export_is_one_self_contained_page_of_every_cell(guide_cache, tmp_pa
     assert "<td>m</td><td>1</td>" in page
     data = json.loads(cache.read(notebook.key(notebook.cell("ran"))))
     assert data["summary"] == "**ran** 1" and len(data["figures"]) == 1
+
+
+def test_the_jupyter_notebook_tells_the_same_story_and_is_kept_without_outputs():
+    """notebooks/tour.ipynb is written from the cells (notebooks/make_tour.py): a cell changed without
+    rewriting it fails here, so the two never drift apart."""
+    notebook = json.loads((REPO / "notebooks" / "tour.ipynb").read_text(encoding="utf-8"))
+    markdown = [("".join(cell["source"])) for cell in notebook["cells"] if cell["cell_type"] == "markdown"]
+    for cell in CELLS:
+        assert f"## {cell.title}\n\n{cell.text}" in markdown, f"rerun python notebooks/make_tour.py ({cell.key})"
+    assert all(not cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code")
+    assert not any("import gradio" in "".join(cell["source"]) or "studio" in "".join(cell["source"])
+                   for cell in notebook["cells"] if cell["cell_type"] == "code")  # the Python API, no UI code
