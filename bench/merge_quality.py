@@ -156,12 +156,14 @@ def main() -> int:
             results["dare_sweep"][rate] = merged_scores(text, workdir, general=False)["scores"][SWEEP_EXPERT]
             print(f"DARE drop {rate:.0%}: {results['dare_sweep'][rate]:.0%}", file=sys.stderr)
     results["merges"] = {label: results["merges"][label] for label, *_ in MERGES if label in results["merges"]}  # table order
+    if args.json:  # first: a slip in the rendering below must not lose an hour of measurements
+        args.json.write_text(json.dumps(results, indent=2, default=str))
 
     header = ("| model | " + " | ".join(demo.EXPERTS) + " | avg. normalized | general (kept) | perplexity |\n|---|"
               + "---|" * (len(demo.EXPERTS) + 3))
     lines = [header, row("base (SmolLM2-135M-Instruct)", results["base"], None)]
     lines += [row(f"expert: {name}", results["experts"][name], None) for name in demo.EXPERTS]
-    lines += [row(label, r["scores"], r["normalized"]) for label, r in results["merges"].items()]
+    lines += [row(label, r, r["normalized"]) for label, r in results["merges"].items()]
     table = "\n".join(lines)
     expert_score = results["experts"][SWEEP_EXPERT]["scores"][SWEEP_EXPERT]
     sweep = "| drop rate | " + " | ".join(f"{r:.0%}" for r in DROP_RATES) + " |\n|---|" + "---|" * len(DROP_RATES) + "\n"
@@ -169,8 +171,6 @@ def main() -> int:
         f"{results['dare_sweep'][r]:.0%}" for r in DROP_RATES) + " |"
     print(table + "\n\nDARE (dare_linear on one expert, rescaled by 1/density):\n\n" + sweep)
     print(f"\n({time.perf_counter() - started:.0f} s)", file=sys.stderr)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
     if args.readme:
         readme = REPO / "README.md"
         text = readme.read_text(encoding="utf-8")

@@ -101,6 +101,7 @@ def shot(page, out: Path, name: str, until=None) -> Path:
 
 
 def models_tab(page):
+    page.get_by_role("tab", name="Models").click()  # the Guide is the first tab
     page.get_by_text("All 3 source model(s) can be merged with the base").wait_for()
     page.get_by_text("compatible: same architecture").filter(visible=True).first.wait_for()
 

@@ -56,7 +56,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result.summary()))
         return 0
     for name, accuracy in result.tasks.items():
-        print(f"{name}: {accuracy:.1%} exact match")
+        print(f"{name}: {accuracy:.1%} correct")
     for name, accuracy in result.general.items():
         print(f"general, {name}: {accuracy:.1%} (out of distribution)")
     if result.perplexity is not None:

@@ -73,7 +73,11 @@ def write_tasks(suite: str | Path, folder: Path | None = None) -> tuple[Path, di
     folder = folder or cache_root() / "lm_eval" / f"{label}-{hashlib.sha256(content.encode()).hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     names = {}
-    (folder / f"{MATCH_MODULE}.py").write_text(MATCH_CODE, encoding="utf-8")
+    module = folder / f"{MATCH_MODULE}.py"
+    if not module.is_file() or module.read_text(encoding="utf-8") != MATCH_CODE:  # never half-written for a reader
+        temporary = folder / f".{MATCH_MODULE}.{os.getpid()}.tmp"
+        temporary.write_text(MATCH_CODE, encoding="utf-8")
+        os.replace(temporary, module)
     for task, examples in tasks.items():
         if len({ex.match for ex in examples}) > 1:
             raise MergeStudioError(f"task {task!r} mixes exact and contains examples: lm-eval scores a task one way; "

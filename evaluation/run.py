@@ -17,7 +17,8 @@ from merging.runtime import load_model
 class EvalReport:
     tasks: dict[str, float] = field(default_factory=dict)
     perplexity: float | None = None
-    answers: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)  # (prompt, expected, got)
+    # (prompt, expected, got) per task; a general task's under "general: <task>"
+    answers: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
     general: dict[str, float] = field(default_factory=dict)  # the suite's general companion's tasks (out of distribution)
 
     def summary(self) -> dict:
@@ -57,13 +58,13 @@ def evaluate(folder: str | Path, suite: str | Path | None = None, text: str | Pa
     report = EvalReport()
     total = sum(len(examples) for examples in [*suites.values(), *general_tasks.values()])
     answered = 0
-    for scores, tasks in ((report.tasks, suites), (report.general, general_tasks)):
+    for scores, tasks, prefix in ((report.tasks, suites, ""), (report.general, general_tasks, "general: ")):
         for name, examples in tasks.items():
             def on_batch(count: int, before: int = answered) -> None:
                 if progress is not None:
                     progress(before + count, total)
 
-            scores[name], report.answers[name] = task_accuracy(model, tokenizer, examples, on_batch, cancel)
+            scores[name], report.answers[prefix + name] = task_accuracy(model, tokenizer, examples, on_batch, cancel)
             answered += len(examples)
     if text is not None:
         try:

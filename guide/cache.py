@@ -8,6 +8,7 @@ into place), so a stopped run leaves no half entry and a concurrent reader sees 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,12 +26,20 @@ def guide_root() -> Path:
 
 
 def family_digest() -> str:
-    """The demo family's identity: its build version and each expert's adapter hash."""
-    parts = [demo.BUILD_VERSION, *(hashlib.sha256(demo.adapter_path(n).read_bytes()).hexdigest() for n in demo.EXPERTS)]
+    """The demo family's identity: its build version and each expert's adapter hash (hashed once
+    per adapter file version: a key is computed on every page load)."""
+    adapters = [demo.adapter_path(name) for name in demo.EXPERTS]
+    return _digest(demo.BUILD_VERSION, tuple((str(a), a.stat().st_size, a.stat().st_mtime_ns) for a in adapters))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(version: str, adapters: tuple) -> str:
+    parts = [version, *(hashlib.sha256(Path(path).read_bytes()).hexdigest() for path, *_ in adapters)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def key_of(kind: str, what: dict) -> str:
+    """The key of a ``kind`` of result ('eval', 'cell') that depends on ``what`` and the family."""
     document = json.dumps({"kind": kind, "family": family_digest(), **what}, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(document.encode()).hexdigest()[:20]}"
 

@@ -11,7 +11,7 @@ import demo
 from guide import cache
 from guide.cells import Cell, Output
 from guide.export import write_page
-from guide.runs import Context, Progress
+from guide.runs import Context, Progress, evaluation_identity
 from guide.story import CELLS
 from merging.errors import MergeStudioError
 
@@ -22,9 +22,12 @@ class Notebook:
     """The story's cells over the demo family. ``run`` computes a cell once and reads it from the
     cache after; ``cached`` reads without computing (what a visitor sees on opening)."""
 
-    def __init__(self, cells: list[Cell] = CELLS, device: str = "cpu"):
+    def __init__(self, cells: list[Cell] = CELLS, device: str = "cpu", *, may_build: bool = True):
+        """``may_build``: whether a run may build the demo family when it is missing (False in a
+        hosted studio: its cached outputs are shown, and runs need the family built at deploy)."""
         self.cells = {cell.key: cell for cell in cells}
         self.device = device
+        self.may_build = may_build
 
     def cell(self, key: str) -> Cell:
         if key not in self.cells:
@@ -33,11 +36,16 @@ class Notebook:
 
     def key(self, cell: Cell) -> str:
         return cache.key_of("cell", {"cell": cell.key, "version": cell.version, "code": CODE_VERSION,
-                                     "inputs": cell.inputs})
+                                     "inputs": cell.inputs, "evaluation": evaluation_identity(self.device)})
 
     def cached(self, key: str) -> Output | None:
+        """The cell's stored output, or None when there is none or it cannot be read (an entry
+        from another version of the code counts as not run, never as an error on page load)."""
         stored = cache.read(self.key(self.cell(key)))
-        return None if stored is None else Output.from_json(stored)
+        try:
+            return None if stored is None else Output.from_json(stored)
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def run(self, key: str, *, progress: Progress | None = None, cancel: threading.Event | None = None,
             report=lambda message: None) -> Output:
@@ -47,6 +55,9 @@ class Notebook:
         output = self.cached(key)
         if output is not None:
             return output
+        if not self.may_build and not demo.is_ready():
+            raise MergeStudioError("the demo family is not built on this server, so the Guide can show its stored "
+                                   "results only; its owner can build it with: python -m merging zoo --list")
         family = demo.ensure_family(report)
         context = Context(family, self.device, progress or (lambda fraction, what: None), cancel)
         started = time.perf_counter()

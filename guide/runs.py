@@ -9,6 +9,7 @@ model is merged and evaluated once, whichever cell asks first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -19,9 +20,9 @@ from typing import Callable
 
 import demo
 from demo.tasks import TASKS
-from evaluation import evaluate
-from evaluation.scoring import is_correct
-from evaluation.suites import Example
+from evaluation import evaluate, load_suite
+from evaluation.scoring import MAX_NEW_TOKENS, is_correct
+from evaluation.suites import Example, general_companions
 from guide import cache
 from merging.engine import merge
 from merging.errors import check_cancel
@@ -80,7 +81,7 @@ class Context:
         """``{"label", "tasks", "general", "perplexity", "answers"}`` of one model: a family member
         (``model``: 'base' or an expert's name) or a merge of the experts (``recipe``)."""
         what = {"model": model} if recipe is None else {"recipe": recipe.identity()}
-        key = cache.key_of("eval", {**what, "suite": SUITE, "version": EVAL_VERSION})
+        key = cache.key_of("eval", {**what, "evaluation": evaluation_identity(self.device)})
         stored = cache.read(key)
         if stored is not None:
             return {**json.loads(stored), "label": label}
@@ -107,6 +108,19 @@ class Context:
         answers = {prompt: got for details in report.answers.values() for prompt, _, got in details}
         return {"tasks": report.tasks, "general": report.general, "perplexity": report.perplexity,
                 "answers": {prompt: answers.get(prompt, "") for prompt in ASKED}}
+
+
+def evaluation_identity(device: str) -> dict:
+    """What every evaluation's result depends on besides the model: the questions and their
+    scoring, the general text, the questions shown side by side, the token budget and the device.
+    Part of every cache key (evaluations and cells), so changing any of them re-runs what used them."""
+    suites = {name: [(ex.prompt, ex.answer, ex.match) for examples in load_suite(name).values() for ex in examples]
+              for name in (SUITE, *[c for c in [general_companions(SUITE)[0]] if c])}
+    text = general_companions(SUITE)[1]
+    return {"suites": hashlib.sha256(json.dumps(suites).encode()).hexdigest()[:16],
+            "text": hashlib.sha256(text.read_bytes()).hexdigest()[:16] if text else None,
+            "asked": [(ex.prompt, ex.answer) for ex in ASKED_EXAMPLES], "tokens": MAX_NEW_TOKENS,
+            "device": device, "version": EVAL_VERSION}
 
 
 def normalized(result: dict, experts: list[dict]) -> float:

@@ -12,6 +12,8 @@ Every number comes from a real merge by the engine and a real evaluation (``guid
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 import plotly.graph_objects as go
@@ -20,7 +22,7 @@ from plotly.subplots import make_subplots
 import demo
 from demo.tasks import TASKS
 from guide.cells import Cell, Output
-from guide.runs import ASKED, Context, Recipe, answered, general_kept, in_domain, normalized
+from guide.runs import ASKED, STOPPED, Context, Recipe, answered, general_kept, in_domain, normalized
 from merging.checkpoint import CheckpointReader
 from merging.errors import check_cancel
 from viz.figures import NEUTRAL, PALETTE, TEMPLATE, energy_concentration, magnitude_distribution, sweep_chart
@@ -81,7 +83,7 @@ def _steps(context: Context, total: int):
 
     def step(what: str) -> None:
         nonlocal done
-        check_cancel(context.cancel, "guide stopped")
+        check_cancel(context.cancel, STOPPED)
         context.progress(done / total, what)
         done += 1
     return step
@@ -101,8 +103,10 @@ def run_family(context: Context) -> Output:
                + ", ".join(f"{n} {e['tasks'][n]:.0%}" for e, n in zip(experts, demo.EXPERTS))
                + f") and at most {others:.0%} of another's. Out of distribution, the base answers "
                f"{general_kept(base):.0%} of the general questions (they were chosen so) and the experts keep "
-               f"{_span(experts, general_kept)} of them: fine-tuning on "
-               f"a few facts already costs some general ability (perplexity on a general text {base['perplexity']:.1f} → "
+               f"{_span(experts, general_kept)} of them"
+               + (": fine-tuning on a few facts already cost them some general ability" if max(map(general_kept, experts))
+                  < general_kept(base) else "") +
+               f" (perplexity on a general text: base {base['perplexity']:.1f}, experts "
                f"{min(e['perplexity'] for e in experts):.1f}–{max(e['perplexity'] for e in experts):.1f}).")
     return Output(summary, [_chart(results, "What each model knows")],
                   [("Accuracy (%)", score_rows(_reports(results))), ("Answers (greedy)", _answers(results))])
@@ -119,12 +123,12 @@ def run_deltas(context: Context) -> Output:
     def on_point(done: int, total: int, what: str) -> None:
         context.progress(0.2 + 0.8 * done / total, f"DARE sweep: {what}")
 
-    suite = context.work() / f"{SWEPT}.jsonl"  # the expert's own task only: what its task vector adds
-    suite.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "task": SWEPT}) + "\n"
-                             for ex in TASKS[SWEPT].eval_examples()), encoding="utf-8")
-    sweep = dare_sweep(family["base"], family[SWEPT], rates=DROP_RATES, suite=suite, device=context.device,
-                       label=EXPERT_LABELS[SWEPT], progress=on_point, cancel=context.cancel,
-                       workdir=context.work())
+    with tempfile.TemporaryDirectory(dir=context.work()) as tmp:
+        suite = Path(tmp) / f"{SWEPT}.jsonl"  # the expert's own task only: what its task vector adds
+        suite.write_text("".join(json.dumps({"prompt": ex.prompt, "answer": ex.answer, "task": SWEPT}) + "\n"
+                                 for ex in TASKS[SWEPT].eval_examples()), encoding="utf-8")
+        sweep = dare_sweep(family["base"], family[SWEPT], rates=DROP_RATES, suite=suite, device=context.device,
+                           label=EXPERT_LABELS[SWEPT], progress=on_point, cancel=context.cancel, workdir=tmp)
     relative = {label: delta.relative_norm for label, delta in stats.model.deltas.items()}
     summary = ("Each task vector is small: ‖δ‖ / ‖θ_base‖ = "
                + ", ".join(f"{value:.1%} ({label})" for label, value in relative.items()) + ". "
@@ -146,8 +150,9 @@ def run_averaging(context: Context) -> Output:
     summary = (f"Averaging keeps {normalized(average, experts):.0%} of the experts' accuracy (normalized: each task's "
                f"accuracy over its expert's); Fisher weighting {normalized(fisher, experts):.0%}. Out of distribution "
                f"they keep {general_kept(average):.0%} and {general_kept(fisher):.0%} of the general answers (the "
-               f"experts: {_span(experts, general_kept)}). Dividing each change by three dilutes every fact below "
-               "what the model needs to answer it.")
+               f"experts: {_span(experts, general_kept)})."
+               + (f" Dividing each change by {len(experts)} dilutes the facts: most are no longer answered."
+                  if normalized(average, experts) < 0.5 else ""))
     return Output(summary, [_chart([*family, average, fisher], "Averaging and Fisher-weighted averaging")],
                   [("Accuracy (%)", score_rows(_reports([average, fisher])))])
 
@@ -171,12 +176,14 @@ def run_task_arithmetic(context: Context) -> Output:
     figure.update_layout(template=TEMPLATE, title="Task arithmetic: θ = θ_base + λ Σ δᵢ",
                          xaxis={"title": "λ"}, yaxis={"title": "%", "range": [0, 105]})
     largest = points[-1]
+    base_perplexity = family_base_perplexity(context)
+    broken = general_kept(largest) < general_kept(best) and largest["perplexity"] > 2 * base_perplexity
     summary = (f"Best λ here: {best['label'].split('=')[1]} ({normalized(best, experts):.0%} normalized, "
                f"{general_kept(best):.0%} of the general answers kept); the paper chooses 0.3–0.5 on validation "
-               f"data. At λ = {LAMBDAS[-1]} the three changes at full strength add up to "
-               f"{normalized(largest, experts):.0%} normalized, {general_kept(largest):.0%} of the general answers "
-               f"and a perplexity of {largest['perplexity']:.0f} on the general text (the base: "
-               f"{family_base_perplexity(context):.1f}): scaled too far, task vectors break what the base knew.")
+               f"data. At λ = {LAMBDAS[-1]} (each task vector added {LAMBDAS[-1]:g} times) the merge keeps "
+               f"{normalized(largest, experts):.0%} normalized, {general_kept(largest):.0%} of the general answers, "
+               f"at a perplexity of {largest['perplexity']:.0f} on the general text (the base: {base_perplexity:.1f})"
+               + (": scaled too far, the task vectors break what the base knew." if broken else "."))
     return Output(summary, [figure], [("Accuracy (%)", score_rows(_reports(points)))])
 
 
@@ -191,10 +198,13 @@ def run_regmean(context: Context) -> Output:
     step("merging: RegMean")
     regmean = context.measure("regmean", REGMEAN)
     experts = family[1:]
+    gain = normalized(regmean, experts) > normalized(average, experts)
     summary = (f"RegMean keeps {normalized(regmean, experts):.0%} of the experts' accuracy against averaging's "
-               f"{normalized(average, experts):.0%}, from the same weights: it asks each merged layer to reproduce "
-               "every expert's layer outputs on that expert's own inputs, and "
-               f"{len(TASKS[demo.EXPERTS[0]].train_examples())} short conversations per expert are enough to say which directions each uses. General answers kept: {general_kept(regmean):.0%}.")
+               f"{normalized(average, experts):.0%}, from the same weights"
+               + (": it asks each merged layer to reproduce every expert's layer outputs on that expert's own inputs, "
+                  f"and {len(TASKS[demo.EXPERTS[0]].train_examples())} short conversations per expert are enough to "
+                  "say which directions each uses." if gain else ".")
+               + f" General answers kept: {general_kept(regmean):.0%}.")
     return Output(summary, [_chart([*family, average, regmean], "RegMean against averaging")],
                   [("Accuracy (%)", score_rows(_reports([average, regmean])))])
 
@@ -249,7 +259,7 @@ def run_ties(context: Context) -> Output:
     step("merging: TIES")
     ties = context.measure(f"ties density {TIES_DENSITY}", TIES)
     summary = (f"On this block, {conflicts} of {SLICE * SLICE} entries keep both signs after trimming: a plain sum "
-               f"cancels them, TIES keeps the side with more mass. The full merge (every tensor, density "
+               f"partly cancels them, TIES keeps the side with more mass. The full merge (every tensor, density "
                f"{TIES_DENSITY}) keeps {normalized(ties, family[1:]):.0%} of the experts' accuracy and "
                f"{general_kept(ties):.0%} of the general answers.")
     return Output(summary, [figure, _chart([*family, ties], "TIES")], [("Accuracy (%)", score_rows(_reports([ties])))])
@@ -296,9 +306,10 @@ def run_table(context: Context) -> Output:
     summary = (f"Top right is the goal: every skill learned, nothing forgotten. The best merge here, {best['label']}, "
                f"reaches {in_domain(best):.0%} in-domain and keeps {general_kept(best):.0%} of the general answers; "
                f"each expert reaches at most {max(map(in_domain, experts)):.0%} in-domain, knowing one task of three, "
-               f"and keeps {_span(experts, general_kept)} of the general answers. The merge that forgot most is "
-               f"{worst['label']} ({general_kept(worst):.0%} kept, perplexity {worst['perplexity']:.0f}); a merge that "
-               "learned the tasks but forgot the base would sit bottom right.")
+               f"and keeps {_span(experts, general_kept)} of the general answers."
+               + (f" The merge that forgot most is {worst['label']} ({general_kept(worst):.0%} kept, perplexity "
+                  f"{worst['perplexity']:.0f})." if general_kept(worst) < max(map(general_kept, merges)) else "")
+               + " A merge that learned the tasks but forgot the base would sit bottom right.")
     return Output(summary, [figure], [("Every model (%; perplexity on the general text)", rows)])
 
 
@@ -316,8 +327,9 @@ def run_newest(context: Context) -> Output:
     best = max((tsv, regmean_pp), key=lambda r: normalized(r, experts))
     right = answered(best)
     summary = (f"TSV-M keeps {normalized(tsv, experts):.0%} of the experts' accuracy (TIES: see cell 6), keeping each "
-               f"rank-8 expert's few singular directions whole; RegMean++ keeps {normalized(regmean_pp, experts):.0%}. "
-               f"Below, the same questions answered by the base, each expert and {best['label']} (greedy): the merge "
+               f"expert's few singular directions whole; RegMean++ keeps {normalized(regmean_pp, experts):.0%}. "
+               f"Below, the same questions answered by the base, each expert and the better of the two, "
+               f"{best['label']} (greedy): it "
                f"answers {sum(right[:-1])} of the {len(right) - 1} experts' questions right"
                + (" and still knows the capital of France." if right[-1] else ", and no longer knows the capital of France.")
                + " Chat with any of them in the Chat tab; search a method's parameters in Tune.")
@@ -365,9 +377,9 @@ CELLS = [
         "still answered, and perplexity on a general text. A merge that learns the tasks but forgets how to answer "
         "*What is the capital of France?* shows up here."), run_table,
         {"lambdas": LAMBDAS, "recipes": [r.identity() for r in (AVERAGE, FISHER, REGMEAN, TIES, TSV, REGMEAN_PP)]}),
-    Cell("newest", "8. The newest methods, and the best merge answering", (
+    Cell("newest", "8. The newest methods, answering beside their sources", (
         "Two methods of the last two years that no other tool offers for language models: **TSV-M** (Gargiulo et al., "
         "2025) keeps each task's top singular directions and orthogonalizes them across tasks; **RegMean++** "
-        "(2025) fits each layer to the inputs the *merged* earlier layers produce. Then the best merge answers the "
-        "experts' questions beside them."), run_newest, {"recipes": [TSV.identity(), REGMEAN_PP.identity()]}, tables=2),
+        "(2025) fits each layer to the inputs the *merged* earlier layers produce. Then the better of the two answers "
+        "the experts' questions beside them."), run_newest, {"recipes": [TSV.identity(), REGMEAN_PP.identity()]}, tables=2),
 ]

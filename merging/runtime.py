@@ -25,6 +25,10 @@ from merging.errors import MergeStudioError
 
 CACHE_ENV = "MERGE_STUDIO_CACHE"
 MODEL_LOAD_LOCK = threading.RLock()
+# transformers' lazy names fail when two threads resolve them first at once ("cannot import name
+# AutoModelForCausalLM"): the deferred imports below take this lock (not the load lock, which a
+# long load holds for minutes).
+IMPORT_LOCK = threading.Lock()
 
 
 def _fresh_load_lock() -> None:
@@ -32,6 +36,10 @@ def _fresh_load_lock() -> None:
     does not exist there: the child starts with a free one."""
     global MODEL_LOAD_LOCK
     MODEL_LOAD_LOCK = threading.RLock()
+# transformers' lazy names fail when two threads resolve them first at once ("cannot import name
+# AutoModelForCausalLM"): the deferred imports below take this lock (not the load lock, which a
+# long load holds for minutes).
+IMPORT_LOCK = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_load_lock)
@@ -66,9 +74,10 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
     copy in CPU memory. A folder transformers cannot load raises a ``MergeStudioError`` naming
     ``purpose`` and the reason.
     """
-    # Deferred: transformers takes seconds to import, and the CLI's merge never loads a model.
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    with IMPORT_LOCK:
+        # Deferred: transformers takes seconds to import, and the CLI's merge never loads a model.
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load clutters the CLI's and the app's own progress
     if not gguf_file and not allow_pickle and not safetensors_files(Path(folder)) and pickle_files(Path(folder)):
@@ -96,8 +105,9 @@ def load_model(folder: str | Path, *, device: str | torch.device = "auto", dtype
 
 def load_tokenizer(folder: str | Path, **kwargs):
     """The tokenizer of a local model folder (never remote code)."""
-    # Deferred: transformers takes seconds to import.
-    from transformers import AutoTokenizer
+    with IMPORT_LOCK:
+        # Deferred: transformers takes seconds to import.
+        from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True, **kwargs)
 
@@ -105,9 +115,10 @@ def load_tokenizer(folder: str | Path, **kwargs):
 def meta_model(config: dict):
     """The model a config describes, built on the meta device (no memory, no weights), or None
     for an architecture transformers does not know."""
-    # Deferred: accelerate and transformers take seconds to import.
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    with IMPORT_LOCK:
+        # Deferred: accelerate and transformers take seconds to import.
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         # init_empty_weights patches module construction process-wide: a model loading in another

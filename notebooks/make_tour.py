@@ -17,16 +17,18 @@ cells = [
        "The same story as the studio's **Guide** tab, through Merge Studio's Python API: a base chat model "
        "(SmolLM2-135M-Instruct) and three experts fine-tuned on facts it cannot know, merged by one method after "
        "another. Every number is a real merge and a real evaluation. Run it from the repository root's `notebooks/` "
-       "folder; merges and evaluations are cached on disk (`$MERGE_STUDIO_CACHE/guide`), shared with the Guide, so "
-       "a model is never merged twice. The first run takes about 5 minutes on 2 CPU cores."),
+       "folder. Each step is one of the Guide's cells (`guide.story`: read its code for the API calls); results are "
+       "cached on disk (`$MERGE_STUDIO_CACHE/guide`) and shared with the Guide, so a model is never merged twice "
+       "and a step already run shows at once. The first run takes about 5 minutes on 2 CPU cores."),
     code("import json\nimport os\nimport sys\nimport tempfile\nfrom pathlib import Path\n\n"
          "sys.path.insert(0, str(Path.cwd().parent))  # the repository root: its packages are the API\n\n"
          "import pandas as pd\nfrom IPython.display import Markdown, display\n\n"
-         "import demo\nfrom evaluation import evaluate\nfrom guide import story\n"
+         "import demo\nfrom evaluation import evaluate\nfrom guide import Notebook, story\n"
          "from guide.runs import Context\n"
          "from merging.engine import merge\nfrom merging.recipe import load_recipe\n\n"
          "family = demo.ensure_family()  # builds the base and the experts on first use\n"
-         "context = Context(family, device='cpu')  # merges and evaluates; results cached by recipe\n\n\n"
+         "context = Context(family, device='cpu')  # merges and evaluates; results cached by recipe\n"
+         "notebook = Notebook(device='cpu')  # the Guide's cells: computed once, then read from the same cache\n\n\n"
          "def show(output):\n"
          "    \"\"\"A cell's result: its summary, figures and tables.\"\"\"\n"
          "    display(Markdown(output.summary))\n"
@@ -57,14 +59,18 @@ for cell in CELLS:
         cells.append(code("from merging.checkpoint import CheckpointReader\n\n"
                           "readers = [CheckpointReader(family[name]) for name in ('base', *demo.EXPERTS)]\n"
                           "base, *experts = [r.get(story.SLICE_TENSOR)[:4, :4].double() for r in readers]\n"
+                          "for reader in readers:\n    reader.close()\n"
                           "steps = story.ties_steps([e - base for e in experts], story.TIES_DENSITY)\n"
                           "print('elected sign:\\n', steps['sign'])\nprint('merged δ:\\n', steps['merged'])"))
-    cells.append(code(f"{cell.key} = story.{runs[cell.key]}(context)\nshow({cell.key})"))
+    cells.append(code(f"{cell.key} = notebook.run({cell.key!r})  # story.{runs[cell.key]}(context), cached\n"
+                      f"show({cell.key})"))
 cells.append(md("## The numbers\n\nThe in-domain and out-of-distribution table as JSON (the test that executes this "
-                "notebook compares it with the Guide's)."))
+                "notebook compares it, and the average merged by hand above, with the Guide's)."))
 cells.append(code("numbers = {row['model']: row for row in table.tables[0][1]}\n"
+                  "by_hand = {name: round(100 * accuracy, 1) for name, accuracy in report.tasks.items()}\n"
                   "if os.environ.get('MERGE_STUDIO_TOUR_NUMBERS'):\n"
-                  "    Path(os.environ['MERGE_STUDIO_TOUR_NUMBERS']).write_text(json.dumps(numbers))\n"
+                  "    Path(os.environ['MERGE_STUDIO_TOUR_NUMBERS']).write_text(\n"
+                  "        json.dumps({'table': numbers, 'average_by_hand': by_hand}))\n"
                   "pd.DataFrame(numbers.values())"))
 notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                               "language": "python"},

@@ -4,6 +4,7 @@ visitor opening the tab sees every cell that ever ran, at once."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import gradio as gr
@@ -11,7 +12,7 @@ import pandas as pd
 
 from guide import Notebook, Output
 from guide.cells import Cell
-from studio import zerogpu
+from merging.errors import Cancelled
 from studio.common import HEAVY, INSTANT, UI, handler, served_dir, stop_button, stoppable
 from studio.session import StopSignal
 from studio.settings import Settings
@@ -84,6 +85,8 @@ def shown(cell: Cell, output: Output | None, cached: bool) -> list:
     status = "✓ from the cache" if cached else f"✓ ran in {output.seconds:.0f} s"
     figures = [gr.Plot(figure, visible=True) for figure in output.figures][: cell.figures]
     tables = [gr.Dataframe(pd.DataFrame(rows), label=title, visible=True) for title, rows in output.tables][: cell.tables]
+    figures += [gr.Plot(visible=False)] * (cell.figures - len(figures))  # every place filled, shown or not
+    tables += [gr.Dataframe(visible=False)] * (cell.tables - len(tables))
     return [status, output.summary, *figures, *tables]
 
 
@@ -95,7 +98,12 @@ def show_cached(notebook: Notebook) -> list:
 def run_cell(notebook: Notebook, key: str, signal: StopSignal, progress=gr.Progress()) -> list:
     cell = notebook.cell(key)
     cached = notebook.cached(key) is not None
-    output = notebook.run(key, progress=lambda fraction, what: progress(fraction, desc=what), cancel=signal.event)
+    try:
+        output = notebook.run(key, progress=lambda fraction, what: progress(fraction, desc=what), cancel=signal.event,
+                              report=lambda message: progress(0, desc=message))
+    except Cancelled:
+        return ["Stopped; what was measured so far is kept for the next run.",
+                *[gr.skip()] * (1 + cell.figures + cell.tables)]
     return shown(cell, output, cached)
 
 
@@ -112,14 +120,25 @@ def run_all(notebook: Notebook, signal: StopSignal, progress=gr.Progress()):
         def within(fraction: float, what: str, index: int = index) -> None:
             progress((index + fraction) / len(cells), desc=what)
 
-        output = notebook.run(cell.key, progress=within, cancel=signal.event)
+        try:
+            output = notebook.run(cell.key, progress=within, cancel=signal.event,
+                                  report=lambda message: progress(0, desc=message))
+        except Cancelled:
+            yield [f"Stopped after {index} of {len(cells)} cells; what was measured so far is kept.", *values]
+            return
         values[offsets[index]:offsets[index + 1]] = shown(cell, output, cached)
         yield [f"Ran {index + 1} of {len(cells)} cells.", *values]
     yield [f"All {len(cells)} cells ran.", *values]
 
 
 def download_page(notebook: Notebook) -> gr.File:
-    path = notebook.export(served_dir("guide") / EXPORT)
+    """The page of the cells' current outputs, written once per state of the cache (a click on an
+    unchanged guide serves the same file rather than another copy on the Space's disk)."""
+    state = hashlib.sha256("".join(notebook.key(cell) + str(notebook.cached(cell.key) is not None)
+                                   for cell in notebook.cells.values()).encode()).hexdigest()[:16]
+    path = served_dir("guide", fresh=False) / state / EXPORT
+    if not path.is_file():
+        notebook.export(path)
     return gr.File(str(path), visible=True)
 
 
@@ -127,19 +146,21 @@ def download_page(notebook: Notebook) -> gr.File:
 
 def wire(tab: GuideTab, settings: Settings, notebook: Notebook, demo: gr.Blocks) -> None:
     heavy = {"concurrency_id": HEAVY, "concurrency_limit": settings.heavy_concurrency, **UI}
+    # On the CPU, also on ZeroGPU: results are cached and shared, and a CPU run gives every visitor the
+    # same numbers (a GPU call would spend a visitor's quota on minutes of small evaluations).
     for view in tab.cells:
-        stoppable(view.run.click, tab.stop,
-                  handler(run_cell, notebook, view.cell.key, gpu=zerogpu.guide_seconds), [tab.stop], view.outputs(),
-                  **heavy)
-    stoppable(tab.run_all.click, tab.stop, handler(run_all, notebook, gpu=zerogpu.guide_seconds), [tab.stop],
-              [tab.status, *tab.outputs()], **heavy)
+        stoppable(view.run.click, tab.stop, handler(run_cell, notebook, view.cell.key), [tab.stop], view.outputs(),
+                  show_progress_on=[view.status], **heavy)
+    stoppable(tab.run_all.click, tab.stop, handler(run_all, notebook), [tab.stop], [tab.status, *tab.outputs()],
+              show_progress_on=[tab.status], **heavy)
     stop_button(tab.stop_button, tab.stop)
     tab.download.click(handler(download_page, notebook), None, [tab.page], **UI)
     demo.load(handler(show_cached, notebook), None, tab.outputs(), **INSTANT)
 
 
 def build(settings: Settings, demo: gr.Blocks) -> GuideTab:
-    notebook = Notebook(device=settings.device if settings.device != "auto" else "cpu")
+    # a hosted studio never builds the family for a visitor (a PyPI download, gigabytes written)
+    notebook = Notebook(device="cpu", may_build=not settings.hosted)
     tab = layout(notebook)
     wire(tab, settings, notebook, demo)
     return tab

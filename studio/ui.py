@@ -36,8 +36,9 @@ def build(settings: Settings, pool: ModelPool | None = None) -> gr.Blocks:
                 with gr.Column(scale=0, min_width=240):
                     gr.LoginButton(size="md")
         with gr.Tabs() as tabs:
-            with gr.Tab("Guide", id="guide"):
-                guide_tab.build(settings, demo)
+            if settings.uses_zoo:  # the story is told on the demo family; a studio of other models has no Guide
+                with gr.Tab("Guide", id="guide"):
+                    guide_tab.build(settings, demo)
             with gr.Tab("Models"):
                 models = models_tab.build(settings, demo)
             with gr.Tab("Merge", id="merge"):

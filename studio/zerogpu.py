@@ -66,11 +66,6 @@ def sweep_seconds(*_args, **_kwargs) -> int:
     return 240  # one evaluation per drop rate
 
 
-def guide_seconds(notebook, key=None, *_args, **_kwargs) -> int:
-    """One Guide cell (``key``, its name) or all of them ("Run all": the longest call)."""
-    return 300 if isinstance(key, str) else MAX_SECONDS
-
-
 def eval_seconds(settings, refs=(), *_args, **_kwargs) -> int:
     return 30 + 90 * max(len(refs or []), 1)
 

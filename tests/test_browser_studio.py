@@ -1,6 +1,6 @@
 """The studio in a real browser: Debian's chromium driven by playwright, on a tiny model family.
 
-One walk through the product: the seven tabs are there; on the Merge tab, choosing TIES rebuilds
+One walk through the product: the seven tabs are there (no Guide: not the demo family); on the Merge tab, choosing TIES rebuilds
 the controls from its spec (a density slider per model) and editing one updates the YAML; the
 merge runs from the Merge button; the result chats beside a source with both answers streaming;
 the Redundancy tab draws its Plotly figures, the singular-value spectra with that merge. The Tune
@@ -73,6 +73,7 @@ def test_merge_chat_and_plots_in_the_browser(page, tmp_path):
 
     for name in ("Models", "Merge", "Tune", "Redundancy", "Chat", "Evaluate", "Export"):
         page.get_by_role("tab", name=name).wait_for()
+    assert page.get_by_role("tab", name="Guide").count() == 0  # the Guide tells the demo family's story only
     page.get_by_text("All 2 source model(s) can be merged with the base").wait_for()
 
     # Merge: the controls follow the method's spec, and edits reach the YAML.

@@ -80,7 +80,7 @@ def test_general_evaluation_scores_the_companion_suite_and_text(tmp_path):
     try:
         report = evaluate(fam.base, "t-tasks", general=True, device="cpu")
         assert report.tasks == {"skill": 0.0} and report.general == {"facts": 0.0}
-        assert 100 < report.perplexity < 2000 and set(report.answers) == {"skill", "facts"}
+        assert 100 < report.perplexity < 2000 and set(report.answers) == {"skill", "general: facts"}
         assert report.summary()["general"] == {"facts": 0.0}
         plain = evaluate(fam.base, "t-tasks", device="cpu")
         assert plain.general == {} and plain.perplexity is None and "general" not in plain.summary()

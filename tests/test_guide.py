@@ -1,5 +1,5 @@
-"""The Guide (issue #18): its cells' math, its cache, its export. The whole story on the demo
-family runs in tests/test_browser_guide.py (the browser) and tests/test_notebook.py (Jupyter)."""
+"""The Guide (issue #18): its cells' math, its cache, its export. The story on the demo family runs
+in Chromium and under nbclient in tests/test_guide_story.py."""
 
 from __future__ import annotations
 
