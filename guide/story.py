@@ -63,6 +63,18 @@ def family_base_perplexity(context: Context) -> float:
     return context.measure("base", model="base")["perplexity"]
 
 
+def _measured(context: Context, *recipes: tuple[str, Recipe]) -> tuple[list[dict], list[dict]]:
+    """The family's results and each labelled recipe's merge, measured in turn with progress."""
+    step = _steps(context, len(recipes) + 1)
+    step("the family")
+    family = _family(context)
+    results = []
+    for label, recipe in recipes:
+        step(f"merging: {label}")
+        results.append(context.measure(label, recipe))
+    return family, results
+
+
 def _reports(results: list[dict]) -> list[tuple[str, dict]]:
     return [(r["label"], {"tasks": r["tasks"], "perplexity": r["perplexity"], "general": r["general"]}) for r in results]
 
@@ -139,13 +151,7 @@ def run_deltas(context: Context) -> Output:
 # -- 3. averaging, then Fisher ----------------------------------------------------------------------
 
 def run_averaging(context: Context) -> Output:
-    step = _steps(context, 3)
-    step("the family")
-    family = _family(context)
-    step("merging: simple average")
-    average = context.measure("average", AVERAGE)
-    step("merging: Fisher-weighted average")
-    fisher = context.measure("fisher", FISHER)
+    family, (average, fisher) = _measured(context, ("average", AVERAGE), ("fisher", FISHER))
     experts = family[1:]
     summary = (f"Averaging keeps {normalized(average, experts):.0%} of the experts' accuracy (normalized: each task's "
                f"accuracy over its expert's); Fisher weighting {normalized(fisher, experts):.0%}. Out of distribution "
@@ -160,13 +166,8 @@ def run_averaging(context: Context) -> Output:
 # -- 4. task arithmetic -----------------------------------------------------------------------------
 
 def run_task_arithmetic(context: Context) -> Output:
-    step = _steps(context, len(LAMBDAS) + 1)
-    step("the family")
-    experts = _family(context)[1:]
-    points = []
-    for lam in LAMBDAS:
-        step(f"merging: task arithmetic λ = {lam}")
-        points.append(context.measure(f"task arithmetic λ={lam}", task_arithmetic(lam)))
+    family, points = _measured(context, *((f"task arithmetic λ={lam}", task_arithmetic(lam)) for lam in LAMBDAS))
+    experts = family[1:]
     best = max(points, key=lambda r: normalized(r, experts))
     figure = go.Figure()
     figure.add_scatter(x=list(LAMBDAS), y=[100 * normalized(p, experts) for p in points], name="in-domain (normalized)",
@@ -190,13 +191,7 @@ def run_task_arithmetic(context: Context) -> Output:
 # -- 5. RegMean -------------------------------------------------------------------------------------
 
 def run_regmean(context: Context) -> Output:
-    step = _steps(context, 4)
-    step("the family")
-    family = _family(context)
-    step("merging: simple average")
-    average = context.measure("average", AVERAGE)
-    step("merging: RegMean")
-    regmean = context.measure("regmean", REGMEAN)
+    family, (average, regmean) = _measured(context, ("average", AVERAGE), ("regmean", REGMEAN))
     experts = family[1:]
     gain = normalized(regmean, experts) > normalized(average, experts)
     summary = (f"RegMean keeps {normalized(regmean, experts):.0%} of the experts' accuracy against averaging's "
@@ -253,11 +248,7 @@ def run_ties(context: Context) -> Output:
     figure.update_xaxes(showticklabels=False)
     figure.update_layout(template=TEMPLATE, height=760, title=f"TIES on a {SLICE}×{SLICE} block of {SLICE_TENSOR}")
     conflicts = int(((torch.stack(steps["trimmed"]) > 0).any(0) & (torch.stack(steps["trimmed"]) < 0).any(0)).sum())
-    step = _steps(context, 2)
-    step("the family")
-    family = _family(context)
-    step("merging: TIES")
-    ties = context.measure(f"ties density {TIES_DENSITY}", TIES)
+    family, (ties,) = _measured(context, (f"ties density {TIES_DENSITY}", TIES))
     summary = (f"On this block, {conflicts} of {SLICE * SLICE} entries keep both signs after trimming: a plain sum "
                f"partly cancels them, TIES keeps the side with more mass. The full merge (every tensor, density "
                f"{TIES_DENSITY}) keeps {normalized(ties, family[1:]):.0%} of the experts' accuracy and "
@@ -273,13 +264,7 @@ def measured_merges(context: Context) -> list[dict]:
                                                           for lam in LAMBDAS),
                ("regmean", REGMEAN), (f"ties density {TIES_DENSITY}", TIES), ("tsv λ=1", TSV),
                ("regmean++ (exact)", REGMEAN_PP)]
-    step = _steps(context, len(recipes) + 1)
-    step("the family")
-    results = []
-    for label, recipe in recipes:
-        step(f"merging: {label}")
-        results.append(context.measure(label, recipe))
-    return results
+    return _measured(context, *recipes)[1]
 
 
 def run_table(context: Context) -> Output:
@@ -294,13 +279,14 @@ def run_table(context: Context) -> Output:
         rows.append(row)
     figure = go.Figure()
     colors = score_colors([r["label"] for r in family + merges], list(EXPERT_LABELS.values()), "base")
-    for result in [*family, *merges]:
+    for index, result in enumerate([*family, *merges]):  # labels alternate above and below: neighbours overlap less
         figure.add_scatter(x=[100 * in_domain(result)], y=[100 * general_kept(result)], mode="markers+text",
-                           text=[result["label"]], textposition="top center", name=result["label"],
-                           marker={"size": 12, "color": colors.get(result["label"])}, showlegend=False)
+                           text=[result["label"]], textposition="top center" if index % 2 else "bottom center",
+                           name=result["label"], marker={"size": 12, "color": colors.get(result["label"])},
+                           showlegend=False)
     figure.update_layout(template=TEMPLATE, title="Learned (in-domain) against kept (general, out of distribution)",
-                         xaxis={"title": "in-domain accuracy, mean of the three tasks (%)", "range": [-5, 105]},
-                         yaxis={"title": "general questions still answered (%)", "range": [-5, 105]}, height=560)
+                         xaxis={"title": "in-domain accuracy, mean of the three tasks (%)", "range": [-15, 110]},
+                         yaxis={"title": "general questions still answered (%)", "range": [-8, 108]}, height=600)
     best = max(merges, key=lambda r: normalized(r, experts))
     worst = min(merges, key=general_kept)
     summary = (f"Top right is the goal: every skill learned, nothing forgotten. The best merge here, {best['label']}, "
@@ -316,13 +302,7 @@ def run_table(context: Context) -> Output:
 # -- 8. the newest methods, and the best merge answering --------------------------------------------
 
 def run_newest(context: Context) -> Output:
-    step = _steps(context, 3)
-    step("the family")
-    family = _family(context)
-    step("merging: TSV-M")
-    tsv = context.measure("tsv λ=1", TSV)
-    step("merging: RegMean++")
-    regmean_pp = context.measure("regmean++ (exact)", REGMEAN_PP)
+    family, (tsv, regmean_pp) = _measured(context, ("tsv λ=1", TSV), ("regmean++ (exact)", REGMEAN_PP))
     experts = family[1:]
     best = max((tsv, regmean_pp), key=lambda r: normalized(r, experts))
     right = answered(best)
@@ -374,9 +354,10 @@ CELLS = [
     Cell("table", "7. In-domain against out-of-distribution: every model", (
         "One table for the base, the experts and every merge above: accuracy on each expert's task, the average "
         "normalized accuracy (merged ÷ expert, the TIES paper's measure), the share of the general questions "
-        "still answered, and perplexity on a general text. A merge that learns the tasks but forgets how to answer "
+        "still answered (the mean over its two tasks), and perplexity on a general text. A merge that learns the tasks but forgets how to answer "
         "*What is the capital of France?* shows up here."), run_table,
-        {"lambdas": LAMBDAS, "recipes": [r.identity() for r in (AVERAGE, FISHER, REGMEAN, TIES, TSV, REGMEAN_PP)]}),
+        {"lambdas": LAMBDAS, "recipes": [r.identity() for r in (AVERAGE, FISHER, REGMEAN, TIES, TSV, REGMEAN_PP)]},
+        version=2),
     Cell("newest", "8. The newest methods, answering beside their sources", (
         "Two methods of the last two years that no other tool offers for language models: **TSV-M** (Gargiulo et al., "
         "2025) keeps each task's top singular directions and orthogonalizes them across tasks; **RegMean++** "

@@ -62,11 +62,11 @@ for cell in CELLS:
                           "for reader in readers:\n    reader.close()\n"
                           "steps = story.ties_steps([e - base for e in experts], story.TIES_DENSITY)\n"
                           "print('elected sign:\\n', steps['sign'])\nprint('merged δ:\\n', steps['merged'])"))
-    cells.append(code(f"{cell.key} = notebook.run({cell.key!r})  # story.{runs[cell.key]}(context), cached\n"
-                      f"show({cell.key})"))
+    cells.append(code(f"{cell.key}_output = notebook.run({cell.key!r})  # story.{runs[cell.key]}(context), cached\n"
+                      f"show({cell.key}_output)"))
 cells.append(md("## The numbers\n\nThe in-domain and out-of-distribution table as JSON (the test that executes this "
                 "notebook compares it, and the average merged by hand above, with the Guide's)."))
-cells.append(code("numbers = {row['model']: row for row in table.tables[0][1]}\n"
+cells.append(code("numbers = {row['model']: row for row in table_output.tables[0][1]}\n"
                   "by_hand = {name: round(100 * accuracy, 1) for name, accuracy in report.tasks.items()}\n"
                   "if os.environ.get('MERGE_STUDIO_TOUR_NUMBERS'):\n"
                   "    Path(os.environ['MERGE_STUDIO_TOUR_NUMBERS']).write_text(\n"

@@ -19,7 +19,7 @@ from studio.settings import Settings
 
 INTRO = ("**Why merging works, on a real model.** Each cell below explains one step of the argument with its formula "
          "and runs it on the demo family: a 135M chat model and three experts that each learned facts the base "
-         "cannot know. **Run** one cell, or **Run all** (about 5 minutes on 2 CPU cores the first time); results are "
+         "cannot know. **Run** one cell, or **Run all** (about 9 minutes on 2 CPU cores the first time); results are "
          "kept, so the next visitor sees them at once. Every number is a real merge and a real evaluation.")
 NOT_RUN = "*Not run yet: press Run.*"
 EXPORT = "merge-studio-guide.html"
@@ -82,7 +82,8 @@ def shown(cell: Cell, output: Output | None, cached: bool) -> list:
     """The values of a cell's outputs: status, summary, its figures, its tables."""
     if output is None:
         return [NOT_RUN, "", *[gr.Plot(visible=False)] * cell.figures, *[gr.Dataframe(visible=False)] * cell.tables]
-    status = "✓ from the cache" if cached else f"✓ ran in {output.seconds:.0f} s"
+    status = ("✓ from the cache" if cached else f"✓ ran in {output.seconds:.0f} s" if output.seconds >= 1
+              else "✓ ran (its models were measured already)")
     figures = [gr.Plot(figure, visible=True) for figure in output.figures][: cell.figures]
     tables = [gr.Dataframe(pd.DataFrame(rows), label=title, visible=True) for title, rows in output.tables][: cell.tables]
     figures += [gr.Plot(visible=False)] * (cell.figures - len(figures))  # every place filled, shown or not
@@ -108,26 +109,23 @@ def run_cell(notebook: Notebook, key: str, signal: StopSignal, progress=gr.Progr
 
 
 def run_all(notebook: Notebook, signal: StopSignal, progress=gr.Progress()):
-    """Every cell in order; each cell's output appears as soon as it is done."""
+    """Every cell in order (``Notebook.run_all``); each cell's output appears as soon as it is done."""
     values = show_cached(notebook)
     cells = list(notebook.cells.values())
+    cached = {cell.key: notebook.cached(cell.key) is not None for cell in cells}
     offsets = [0]
     for cell in cells:
         offsets.append(offsets[-1] + 2 + cell.figures + cell.tables)
-    for index, cell in enumerate(cells):
-        cached = notebook.cached(cell.key) is not None
-
-        def within(fraction: float, what: str, index: int = index) -> None:
-            progress((index + fraction) / len(cells), desc=what)
-
-        try:
-            output = notebook.run(cell.key, progress=within, cancel=signal.event,
-                                  report=lambda message: progress(0, desc=message))
-        except Cancelled:
-            yield [f"Stopped after {index} of {len(cells)} cells; what was measured so far is kept.", *values]
-            return
-        values[offsets[index]:offsets[index + 1]] = shown(cell, output, cached)
-        yield [f"Ran {index + 1} of {len(cells)} cells.", *values]
+    done = 0
+    try:
+        for index, (cell, output) in enumerate(notebook.run_all(
+                progress=lambda fraction, what: progress(fraction, desc=what), cancel=signal.event)):
+            values[offsets[index]:offsets[index + 1]] = shown(cell, output, cached[cell.key])
+            done = index + 1
+            yield [f"Ran {done} of {len(cells)} cells.", *values]
+    except Cancelled:
+        yield [f"Stopped after {done} of {len(cells)} cells; what was measured so far is kept.", *values]
+        return
     yield [f"All {len(cells)} cells ran.", *values]
 
 
