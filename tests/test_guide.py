@@ -148,3 +148,19 @@ def test_the_jupyter_notebook_tells_the_same_story_and_is_kept_without_outputs()
     assert all(not cell.get("outputs") for cell in notebook["cells"] if cell["cell_type"] == "code")
     assert not any("import gradio" in "".join(cell["source"]) or "studio" in "".join(cell["source"])
                    for cell in notebook["cells"] if cell["cell_type"] == "code")  # the Python API, no UI code
+
+
+def test_a_hosted_guide_never_builds_the_family_for_a_visitor(guide_cache, monkeypatch):
+    """Hosted (``may_build=False``) and the family missing: a clear refusal, nothing run; the
+    cached outputs are still shown."""
+    import demo
+
+    calls: list = []
+    Notebook([counting_cell(calls, "shown")]).run("shown")
+    monkeypatch.setattr(demo, "is_ready", lambda: False)
+    monkeypatch.setattr(demo, "ensure_family", lambda report=None: pytest.fail("the family was built"))
+    hosted = Notebook([counting_cell(calls, "shown"), counting_cell(calls, "fresh")], may_build=False)
+    assert hosted.run("shown").summary == "**ran** 1"  # from the cache
+    with pytest.raises(Exception, match="not built on this server.*python -m merging zoo --list"):
+        hosted.run("fresh")
+    assert len(calls) == 1
