@@ -19,6 +19,7 @@ from pathlib import Path
 from evaluation.scoring import MAX_NEW_TOKENS
 from evaluation.suites import load_suite, registered_suites
 from merging.endpoints import api_key, is_endpoint, parse_endpoint
+from merging.checkpoint import write_text_atomically
 from merging.errors import MergeStudioError
 from merging.runtime import cache_root, pick_device
 
@@ -75,9 +76,7 @@ def write_tasks(suite: str | Path, folder: Path | None = None) -> tuple[Path, di
     names = {}
     module = folder / f"{MATCH_MODULE}.py"
     if not module.is_file() or module.read_text(encoding="utf-8") != MATCH_CODE:  # never half-written for a reader
-        temporary = folder / f".{MATCH_MODULE}.{os.getpid()}.tmp"
-        temporary.write_text(MATCH_CODE, encoding="utf-8")
-        os.replace(temporary, module)
+        write_text_atomically(module, MATCH_CODE)
     for task, examples in tasks.items():
         if len({ex.match for ex in examples}) > 1:
             raise MergeStudioError(f"task {task!r} mixes exact and contains examples: lm-eval scores a task one way; "

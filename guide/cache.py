@@ -2,8 +2,8 @@
 
 A key is the sha256 of a JSON document: what is computed (a cell, or one model's evaluation),
 its inputs (recipe, grid) and the demo family's identity (``family_digest``: the shipped adapters'
-hashes and the family's build version). Entries are written atomically (a temporary file renamed
-into place), so a stopped run leaves no half entry and a concurrent reader sees all or nothing.
+hashes and the family's build version). Entries are written atomically
+(``merging.checkpoint.write_text_atomically``), so a stopped run leaves no half entry and a concurrent reader sees all or nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import demo
+from merging.checkpoint import write_text_atomically
 from merging.runtime import cache_root
 
 CACHE_ENV = "MERGE_STUDIO_GUIDE_CACHE"  # moves the Guide's results alone (tests start from an empty one)
@@ -52,19 +52,10 @@ def read(key: str) -> str | None:
         return None
 
 
+def exists(key: str) -> bool:
+    """Whether ``key`` has an entry (without reading it: a page's cheap question)."""
+    return (guide_root() / f"{key}.json").is_file()
+
+
 def write(key: str, text: str) -> None:
-    write_atomically(guide_root() / f"{key}.json", text)
-
-
-def write_atomically(path: Path, text: str) -> Path:
-    """``text`` into ``path`` through a temporary sibling renamed into place: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    write_text_atomically(guide_root() / f"{key}.json", text)

@@ -9,8 +9,8 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 from plotly.offline import get_plotlyjs
 
-from guide.cache import write_atomically
 from guide.cells import Cell, Output
+from merging.checkpoint import write_text_atomically
 from viz.report import PAGE_CSS, figure_div
 
 MARKDOWN = MarkdownIt("commonmark")  # raw HTML in a text is shown as text, not run: html off
@@ -55,4 +55,4 @@ comes from a real merge and a real evaluation.</p>
 
 def write_page(path: Path, cells: list[tuple[Cell, Output | None]]) -> Path:
     """Write the page atomically (a temporary file renamed into place); returns its path."""
-    return write_atomically(path.expanduser(), render_page(cells))
+    return write_text_atomically(path.expanduser(), render_page(cells))

@@ -38,6 +38,10 @@ class Notebook:
         return cache.key_of("cell", {"cell": cell.key, "version": cell.version, "code": CODE_VERSION,
                                      "inputs": cell.inputs, "evaluation": evaluation_identity(self.device)})
 
+    def has(self, key: str) -> bool:
+        """Whether the cell has a stored output (without reading it)."""
+        return cache.exists(self.key(self.cell(key)))
+
     def cached(self, key: str) -> Output | None:
         """The cell's stored output, or None when there is none or it cannot be read (an entry
         from another version of the code counts as not run, never as an error on page load)."""

@@ -9,6 +9,7 @@ model is merged and evaluated once, whichever cell asks first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -110,6 +111,7 @@ class Context:
                 "answers": {prompt: answers.get(prompt, "") for prompt in ASKED}}
 
 
+@functools.lru_cache(maxsize=4)  # every cache key has it: each page load asks for eight; questions are fixed in a process
 def evaluation_identity(device: str) -> dict:
     """What every evaluation's result depends on besides the model: the questions and their
     scoring, the general text, the questions shown side by side, the token budget and the device.
@@ -133,10 +135,6 @@ def normalized(result: dict, experts: list[dict]) -> float:
 def answered(result: dict) -> list[bool]:
     """Whether each of ``ASKED`` was answered right, in order."""
     return [is_correct(result["answers"].get(ex.prompt, ""), ex) for ex in ASKED_EXAMPLES]
-
-
-def general_kept(result: dict) -> float:
-    return sum(result["general"].values()) / len(result["general"])
 
 
 def in_domain(result: dict) -> float:

@@ -22,11 +22,12 @@ from plotly.subplots import make_subplots
 import demo
 from demo.tasks import TASKS
 from guide.cells import Cell, Output
-from guide.runs import ASKED, STOPPED, Context, Recipe, answered, general_kept, in_domain, normalized
+from guide.runs import ASKED, STOPPED, Context, Recipe, answered, in_domain, normalized
 from merging.checkpoint import CheckpointReader
 from merging.errors import check_cancel
 from viz.figures import NEUTRAL, PALETTE, TEMPLATE, energy_concentration, magnitude_distribution, sweep_chart
 from viz.scores import GENERAL, score_chart, score_colors, score_rows
+from viz.scores import general_score as general_kept  # what a model kept of the base's general answers
 from viz.stats import delta_statistics
 from viz.sweep import dare_sweep
 

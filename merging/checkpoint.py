@@ -389,6 +389,19 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
         raise CheckpointError(f"output folder {out_dir} already exists; choose another or pass --overwrite to replace it")
 
 
+def write_text_atomically(path: Path, text: str) -> Path:
+    """``text`` into ``path`` through a temporary sibling renamed into place: a reader sees the
+    old file or the new one, never half of it, and a failure leaves no temporary behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}-{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
 @contextmanager
 def atomic_output(out_dir: Path, *, overwrite: bool, protected: list[Path]) -> Iterator[Path]:
     """Yield a temporary sibling folder that becomes ``out_dir`` only if the block succeeds.

@@ -98,7 +98,7 @@ def show_cached(notebook: Notebook) -> list:
 
 def run_cell(notebook: Notebook, key: str, signal: StopSignal, progress=gr.Progress()) -> list:
     cell = notebook.cell(key)
-    cached = notebook.cached(key) is not None
+    cached = notebook.has(key)
     try:
         output = notebook.run(key, progress=lambda fraction, what: progress(fraction, desc=what), cancel=signal.event,
                               report=lambda message: progress(0, desc=message))
@@ -112,7 +112,7 @@ def run_all(notebook: Notebook, signal: StopSignal, progress=gr.Progress()):
     """Every cell in order (``Notebook.run_all``); each cell's output appears as soon as it is done."""
     values = show_cached(notebook)
     cells = list(notebook.cells.values())
-    cached = {cell.key: notebook.cached(cell.key) is not None for cell in cells}
+    cached = {cell.key: notebook.has(cell.key) for cell in cells}
     offsets = [0]
     for cell in cells:
         offsets.append(offsets[-1] + 2 + cell.figures + cell.tables)
@@ -132,7 +132,7 @@ def run_all(notebook: Notebook, signal: StopSignal, progress=gr.Progress()):
 def download_page(notebook: Notebook) -> gr.File:
     """The page of the cells' current outputs, written once per state of the cache (a click on an
     unchanged guide serves the same file rather than another copy on the Space's disk)."""
-    state = hashlib.sha256("".join(notebook.key(cell) + str(notebook.cached(cell.key) is not None)
+    state = hashlib.sha256("".join(notebook.key(cell) + str(notebook.has(cell.key))
                                    for cell in notebook.cells.values()).encode()).hexdigest()[:16]
     path = served_dir("guide", fresh=False) / state / EXPORT
     if not path.is_file():
