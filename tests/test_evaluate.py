@@ -53,6 +53,15 @@ def test_the_general_suite_is_out_of_distribution():
     assert general_companions("mine.jsonl") == (None, None)
 
 
+def test_no_general_question_gives_its_answer_away():
+    """Scored by ``contains``, a question holding its own answer ("What is 100 divided by 10?" → 10)
+    would score for a model that only repeats the question."""
+    echoed = [(prompt, answer) for items in GENERAL.values() for prompt, answer in items
+              if is_correct(prompt, Example(prompt, answer, "contains"))]
+    assert not echoed, f"these questions contain their answers: {echoed}"
+    assert is_correct("What is 100 divided by 10?", Example("", "10", "contains"))  # what the check catches
+
+
 def test_jsonl_suite_groups_by_task_and_names_bad_lines(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "a?", "answer": "b"}\n\n{"prompt": "c?", "answer": "d", "task": "other"}\n')
