@@ -207,7 +207,7 @@ REPLAY_PROMPTS = (
 # Out of distribution: what the base already knows, nothing about the experts' invented names and
 # none of REPLAY_PROMPTS (those are in the experts' training data). Scored by ``contains``: the
 # base answers in a sentence ("The capital of France is Paris."). Kept: the questions the base
-# answers right among 67 tried (greedy, 16 tokens), so the suite measures how much of the base's
+# answers right among 87 tried (greedy, 16 tokens), so the suite measures how much of the base's
 # general ability a fine-tune or merge *keeps*; the base scores 100% on it by construction.
 GENERAL = {
     "knowledge": (

@@ -147,9 +147,11 @@ class KeyedProxy:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served():
-    """(the demo base's folder, ``transformers serve`` serving it, a ``KeyedProxy`` wanting ``KEY``)."""
+    """(the demo base's folder, ``transformers serve`` serving it, a ``KeyedProxy`` wanting ``KEY``),
+    started once for the whole session (tens of seconds each time); a test that changes the proxy
+    puts it back."""
     import demo
 
     if not demo.is_ready():
