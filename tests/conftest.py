@@ -30,7 +30,6 @@ os.environ.setdefault("MERGE_STUDIO_TUNING_CACHE", tempfile.mkdtemp(prefix="merg
 from helpers import family  # noqa: E402
 from tests.support.families import build_family  # noqa: E402
 from tests.support.hub_fixture import hub  # noqa: E402,F401  (the local Hub server fixture)
-from tests.support.serving import served  # noqa: E402,F401  (one `transformers serve` for the session)
 
 SMALL = dict(hidden_size=64, vocab_size=512)
 

@@ -12,7 +12,7 @@ from gradio_client import Client
 from test_browser_studio import CHROMIUM, TIMEOUT_MS, shot
 from test_studio import launch
 
-from tests.support.serving import KEY
+from tests.support.serving import KEY, served  # noqa: F401  (fixture)
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 

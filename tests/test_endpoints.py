@@ -16,7 +16,7 @@ from evaluation.scoring import normalize
 from merging.endpoints import Endpoint, configured_endpoints, parse_endpoint
 from merging.errors import MergeStudioError
 from merging.sources import SourcePolicy, check_local_access
-from tests.support.serving import KEY, free_port
+from tests.support.serving import KEY, free_port, served  # noqa: F401  (fixture)
 
 GREEDY = SamplingParams(0.0, 1.0, 24, 0)
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]

@@ -12,6 +12,7 @@ import demo
 from evaluation.harness import run_lm_eval, write_tasks
 from evaluation.run import evaluate
 from helpers import run_cli
+from tests.support.serving import served  # noqa: F401  (fixture)
 
 pytest.importorskip("lm_eval")
 needs_demo = pytest.mark.skipif(not demo.is_ready(), reason="needs the demo family: python -m merging zoo --list")

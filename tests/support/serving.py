@@ -147,11 +147,9 @@ class KeyedProxy:
         self.server.server_close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served():
-    """(the demo base's folder, ``transformers serve`` serving it, a ``KeyedProxy`` wanting ``KEY``),
-    started once for the whole session (tens of seconds each time); a test that changes the proxy
-    puts it back."""
+    """(the demo base's folder, ``transformers serve`` serving it, a ``KeyedProxy`` wanting ``KEY``)."""
     import demo
 
     if not demo.is_ready():
